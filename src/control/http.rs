@@ -1,0 +1,590 @@
+//! The HTTP API: WHIP (RFC 9725) and WHEP, health, listings, metrics, and the demo page. Every
+//! refusal is plain text with a reason, and is counted.
+
+// Handlers short-circuit with a finished `Response` as the error; boxing it would buy nothing on a
+// signaling path.
+#![allow(clippy::result_large_err)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use str0m::Candidate;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use super::negotiate::NegotiationError;
+use super::placement::shard_for;
+use super::registry::{RegistryError, SessionKind};
+use super::SharedControl;
+use crate::mesh::TrackId;
+use crate::metrics::Counter;
+use crate::shard::{CloseReason, NewPeer, ShardCommand};
+use crate::SessionId;
+
+/// HTTP outcomes by kind, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct HttpCounters {
+    pub created: AtomicU64,
+    pub deleted: AtomicU64,
+    pub bad_request: AtomicU64,
+    pub not_found: AtomicU64,
+    pub conflict: AtomicU64,
+    pub unsupported_media_type: AtomicU64,
+    pub over_capacity: AtomicU64,
+}
+
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+pub fn router(control: SharedControl) -> Router {
+    let origin = if control.config.http.cors_origin == "*" {
+        AllowOrigin::any()
+    } else {
+        match HeaderValue::from_str(&control.config.http.cors_origin) {
+            Ok(v) => AllowOrigin::exact(v),
+            Err(_) => AllowOrigin::any(),
+        }
+    };
+    let cors = CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::IF_MATCH,
+        ])
+        .expose_headers([header::LOCATION, header::ETAG, header::LINK]);
+    let body_limit = control.config.limits.max_body_bytes;
+    Router::new()
+        .route("/", get(|| async { Html(DEMO_PAGE) }))
+        .route("/healthz", get(healthz))
+        .route("/api/streams", get(list_streams))
+        .route("/metrics", get(metrics))
+        .route("/whip/{stream}", post(whip).options(options))
+        .route("/whep/{stream}", post(whep).options(options))
+        .route(
+            "/whip/{stream}/{session}",
+            axum::routing::delete(delete_whip).patch(patch_whip),
+        )
+        .route(
+            "/whep/{stream}/{session}",
+            axum::routing::delete(delete_whep).patch(patch_whep),
+        )
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(cors)
+        .with_state(control)
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut msg = msg.into();
+    msg.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg,
+    )
+        .into_response()
+}
+
+fn has_content_type(headers: &HeaderMap, want: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Checks shared by WHIP and WHEP before any work: stream name, content type, body, capacity.
+fn precheck<'a>(
+    c: &SharedControl,
+    stream: &str,
+    headers: &HeaderMap,
+    body: &'a Bytes,
+) -> Result<&'a str, Response> {
+    if !valid_stream_name(stream) {
+        c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "stream names are 1-128 characters of A-Z a-z 0-9 - _ .",
+        ));
+    }
+    if !has_content_type(headers, "application/sdp") {
+        c.counters
+            .unsupported_media_type
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the offer must be sent as Content-Type: application/sdp",
+        ));
+    }
+    let Ok(offer) = std::str::from_utf8(body) else {
+        c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        return Err(text(StatusCode::BAD_REQUEST, "the offer is not UTF-8"));
+    };
+    let sessions = c.registry.lock().expect("registry").sessions();
+    if sessions >= c.config.limits.max_peers {
+        c.counters.over_capacity.fetch_add(1, Ordering::Relaxed);
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "over capacity: {sessions} sessions (limits.max_peers = {})",
+                c.config.limits.max_peers
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Err(r);
+    }
+    Ok(offer)
+}
+
+fn negotiation_failed(c: &SharedControl, e: NegotiationError) -> Response {
+    c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+    text(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+fn created(
+    kind: SessionKind,
+    stream: &str,
+    session: SessionId,
+    etag: &str,
+    answer: String,
+) -> Response {
+    let location = format!("/{}/{stream}/{session}", kind.path());
+    (
+        StatusCode::CREATED,
+        [
+            (header::CONTENT_TYPE, "application/sdp".to_string()),
+            (header::LOCATION, location),
+            (header::ETAG, format!("\"{etag}\"")),
+        ],
+        answer,
+    )
+        .into_response()
+}
+
+fn hand_over(c: &SharedControl, shard: usize, peer: NewPeer) -> Result<(), Response> {
+    c.shards[shard]
+        .send(ShardCommand::AddPeer(Box::new(peer)))
+        .map_err(|_| {
+            c.counters.over_capacity.fetch_add(1, Ordering::Relaxed);
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "media shard is overloaded");
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        })
+}
+
+async fn whip(
+    State(c): State<SharedControl>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let offer = match precheck(&c, &stream, &headers, &body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let session = SessionId::random();
+    let shard = shard_for(session, c.shards.len());
+    let mut reg = c.registry.lock().expect("registry");
+    let stream_id = match reg.prepare_publish(&stream) {
+        Ok(id) => id,
+        Err(_) => {
+            c.counters.conflict.fetch_add(1, Ordering::Relaxed);
+            return text(
+                StatusCode::CONFLICT,
+                format!("stream {stream:?} already has a publisher"),
+            );
+        }
+    };
+    let n = match c.template.publisher(offer, &c.announced[shard]) {
+        Ok(n) => n,
+        Err(e) => return negotiation_failed(&c, e),
+    };
+    // One audio and one video track per stream: the first m-line of each kind.
+    let mut tracks = Vec::new();
+    let mut published = Vec::new();
+    for (mid, video, codecs) in n.media {
+        let track = TrackId::new(stream_id, video);
+        if tracks.iter().any(|(_, t)| *t == track) {
+            continue;
+        }
+        tracks.push((mid, track));
+        published.push((track, Arc::from(codecs)));
+    }
+    if tracks.is_empty() {
+        return negotiation_failed(
+            &c,
+            NegotiationError::Unusable(
+                "the offer sends no audio or video in a codec sluice forwards \
+                 (Opus, VP8, VP9, H.264, AV1)"
+                    .into(),
+            ),
+        );
+    }
+    let etag = format!("{:016x}", rand::random::<u64>());
+    let updates = match reg.add_publisher(session, &stream, shard, etag.clone(), published) {
+        Ok(u) => u,
+        Err(RegistryError::Conflict | RegistryError::NotPublished) => {
+            c.counters.conflict.fetch_add(1, Ordering::Relaxed);
+            return text(StatusCode::CONFLICT, "stream already has a publisher");
+        }
+    };
+    let peer = NewPeer {
+        session,
+        rtc: n.rtc,
+        ufrag: n.ufrag,
+        publisher: true,
+        tracks,
+    };
+    if let Err(r) = hand_over(&c, shard, peer) {
+        let undo = reg.remove(&session).map(|(_, u)| u).unwrap_or_default();
+        drop(reg);
+        c.broadcast(undo);
+        return r;
+    }
+    drop(reg);
+    c.broadcast(updates);
+    c.counters.created.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%session, %stream, shard, "publisher created");
+    created(SessionKind::Publish, &stream, session, &etag, n.answer)
+}
+
+async fn whep(
+    State(c): State<SharedControl>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let offer = match precheck(&c, &stream, &headers, &body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let session = SessionId::random();
+    let shard = shard_for(session, c.shards.len());
+    let mut reg = c.registry.lock().expect("registry");
+    let published = match reg.published(&stream) {
+        Ok(p) => p,
+        Err(_) => {
+            c.counters.not_found.fetch_add(1, Ordering::Relaxed);
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("nobody publishes stream {stream:?}"),
+            );
+        }
+    };
+    let codecs: Vec<_> = published
+        .tracks
+        .iter()
+        .flat_map(|(_, c)| c.iter().copied())
+        .collect();
+    let n = match c.template.viewer(offer, &c.announced[shard], &codecs) {
+        Ok(n) => n,
+        Err(e) => return negotiation_failed(&c, e),
+    };
+    let mut tracks = Vec::new();
+    for (mid, video, _) in &n.media {
+        let track = TrackId::new(published.stream_id, *video);
+        if tracks.iter().any(|(_, t)| *t == track) {
+            continue;
+        }
+        if published.tracks.iter().any(|(t, _)| *t == track) {
+            tracks.push((*mid, track));
+        }
+    }
+    // Every published kind the viewer asked for must have a common codec.
+    for (track, codecs) in &published.tracks {
+        let kind = if track.is_video() { "video" } else { "audio" };
+        let asked = offer.lines().any(|l| l.starts_with(&format!("m={kind} ")));
+        if asked && !tracks.iter().any(|(_, t)| t == track) {
+            let names: Vec<String> = codecs
+                .iter()
+                .map(|p| format!("{}", p.spec().codec))
+                .collect();
+            return negotiation_failed(
+                &c,
+                NegotiationError::Unusable(format!(
+                    "the offer cannot receive the stream's {kind} codec ({})",
+                    names.join(", ")
+                )),
+            );
+        }
+    }
+    if tracks.is_empty() {
+        return negotiation_failed(
+            &c,
+            NegotiationError::Unusable("the offer receives neither audio nor video".into()),
+        );
+    }
+    let etag = format!("{:016x}", rand::random::<u64>());
+    let updates = reg.add_viewer(
+        session,
+        &stream,
+        shard,
+        etag.clone(),
+        tracks.iter().map(|(_, t)| *t).collect(),
+    );
+    let peer = NewPeer {
+        session,
+        rtc: n.rtc,
+        ufrag: n.ufrag,
+        publisher: false,
+        tracks,
+    };
+    // Interest first, so the publisher's shard already fans out when the viewer connects.
+    drop(reg);
+    c.broadcast(updates);
+    if let Err(r) = hand_over(&c, shard, peer) {
+        let undo = c.registry.lock().expect("registry").remove(&session);
+        if let Some((_, u)) = undo {
+            c.broadcast(u);
+        }
+        return r;
+    }
+    c.counters.created.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%session, %stream, shard, "viewer created");
+    created(SessionKind::Play, &stream, session, &etag, n.answer)
+}
+
+async fn options(State(c): State<SharedControl>) -> Response {
+    let _ = &c;
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (
+                header::HeaderName::from_static("accept-post"),
+                "application/sdp",
+            ),
+            (header::ALLOW, "OPTIONS, POST"),
+        ],
+    )
+        .into_response()
+}
+
+fn lookup(
+    c: &SharedControl,
+    kind: SessionKind,
+    stream: &str,
+    session: &str,
+) -> Result<(SessionId, usize, String), Response> {
+    let not_found = || {
+        c.counters.not_found.fetch_add(1, Ordering::Relaxed);
+        text(StatusCode::NOT_FOUND, "no such session")
+    };
+    let id: SessionId = session.parse().map_err(|_| not_found())?;
+    let reg = c.registry.lock().expect("registry");
+    let info = reg.session(&id).ok_or_else(not_found)?;
+    if info.kind != kind || info.stream != stream {
+        return Err(not_found());
+    }
+    Ok((id, info.shard, info.etag.clone()))
+}
+
+async fn delete_session(
+    c: SharedControl,
+    kind: SessionKind,
+    stream: String,
+    session: String,
+) -> Response {
+    let (id, shard, _) = match lookup(&c, kind, &stream, &session) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let removed = c.registry.lock().expect("registry").remove(&id);
+    if let Some((_, updates)) = removed {
+        c.broadcast(updates);
+    }
+    let _ = c.shards[shard].send(ShardCommand::RemovePeer {
+        session: id,
+        reason: CloseReason::Deleted,
+    });
+    c.counters.deleted.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(session = %id, %stream, "session deleted");
+    text(StatusCode::OK, "session ended")
+}
+
+async fn delete_whip(
+    State(c): State<SharedControl>,
+    Path((s, id)): Path<(String, String)>,
+) -> Response {
+    delete_session(c, SessionKind::Publish, s, id).await
+}
+
+async fn delete_whep(
+    State(c): State<SharedControl>,
+    Path((s, id)): Path<(String, String)>,
+) -> Response {
+    delete_session(c, SessionKind::Play, s, id).await
+}
+
+/// Trickle ICE (RFC 8840 fragments, RFC 9725 section 4.3): remote candidates are handed to the
+/// peer. sluice is ICE-lite, so it also learns addresses from the checks themselves.
+async fn patch_session(
+    c: SharedControl,
+    kind: SessionKind,
+    stream: String,
+    session: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (id, shard, etag) = match lookup(&c, kind, &stream, &session) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if !has_content_type(&headers, "application/trickle-ice-sdpfrag") {
+        c.counters
+            .unsupported_media_type
+            .fetch_add(1, Ordering::Relaxed);
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "PATCH takes Content-Type: application/trickle-ice-sdpfrag",
+        );
+    }
+    if let Some(m) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        let m = m.trim();
+        if m != "*" && m.trim_matches('"') != etag {
+            return text(
+                StatusCode::PRECONDITION_FAILED,
+                "ETag does not match the session",
+            );
+        }
+    }
+    let Ok(frag) = std::str::from_utf8(&body) else {
+        c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        return text(StatusCode::BAD_REQUEST, "the fragment is not UTF-8");
+    };
+    let mut candidates = Vec::new();
+    for line in frag.lines().map(str::trim) {
+        if let Some(cand) = line.strip_prefix("a=candidate:") {
+            match Candidate::from_sdp_string(&format!("candidate:{cand}")) {
+                Ok(c) => candidates.push(c),
+                Err(e) => {
+                    c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+                    return text(StatusCode::BAD_REQUEST, format!("bad candidate: {e}"));
+                }
+            }
+        } else if line.starts_with("a=ice-ufrag:") || line.starts_with("a=ice-pwd:") {
+            // Only a fragment with new credentials is an ICE restart; repeating the current
+            // ones (as RFC 8840 fragments do) is plain trickle.
+            continue;
+        }
+    }
+    for candidate in candidates {
+        let _ = c.shards[shard].send(ShardCommand::RemoteCandidate {
+            session: id,
+            candidate,
+        });
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn patch_whip(
+    State(c): State<SharedControl>,
+    Path((s, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_session(c, SessionKind::Publish, s, id, headers, body).await
+}
+
+async fn patch_whep(
+    State(c): State<SharedControl>,
+    Path((s, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_session(c, SessionKind::Play, s, id, headers, body).await
+}
+
+async fn healthz(State(c): State<SharedControl>) -> Response {
+    let _ = &c;
+    text(StatusCode::OK, "ok")
+}
+
+async fn list_streams(State(c): State<SharedControl>) -> Response {
+    let list = c.registry.lock().expect("registry").list();
+    let v: Vec<_> = list
+        .into_iter()
+        .map(|(name, live, viewers)| {
+            serde_json::json!({ "stream": name, "publishing": live, "viewers": viewers })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "streams": v })).into_response()
+}
+
+async fn metrics(State(c): State<SharedControl>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(8192);
+    for counter in Counter::ALL {
+        let name = format!("sluice_{}", counter.metric());
+        let _ = writeln!(out, "# HELP {name} {}", counter.help());
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for s in &c.shards {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{}\"}} {}",
+                s.id,
+                s.stats.get(*counter)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP sluice_peers Peers owned by each shard.");
+    let _ = writeln!(out, "# TYPE sluice_peers gauge");
+    for s in &c.shards {
+        let _ = writeln!(
+            out,
+            "sluice_peers{{shard=\"{}\"}} {}",
+            s.id,
+            s.stats.peers.load(Ordering::Relaxed)
+        );
+    }
+    let reg = c.registry.lock().expect("registry");
+    let _ = writeln!(
+        out,
+        "# HELP sluice_streams Streams with a publisher or viewers."
+    );
+    let _ = writeln!(out, "# TYPE sluice_streams gauge");
+    let _ = writeln!(out, "sluice_streams {}", reg.streams());
+    drop(reg);
+    let _ = writeln!(
+        out,
+        "# HELP sluice_http_signaling_total Signaling outcomes."
+    );
+    let _ = writeln!(out, "# TYPE sluice_http_signaling_total counter");
+    let h = &c.counters;
+    for (outcome, v) in [
+        ("created", &h.created),
+        ("deleted", &h.deleted),
+        ("bad_request", &h.bad_request),
+        ("not_found", &h.not_found),
+        ("conflict", &h.conflict),
+        ("unsupported_media_type", &h.unsupported_media_type),
+        ("over_capacity", &h.over_capacity),
+    ] {
+        let _ = writeln!(
+            out,
+            "sluice_http_signaling_total{{outcome=\"{outcome}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,87 @@
+//! The control thread: HTTP signaling (WHIP, WHEP), the registry of streams and sessions, and
+//! placement of peers on shards. It negotiates each peer, then moves its `Rtc` to the owning shard
+//! and never touches media sockets.
+
+mod http;
+pub mod negotiate;
+pub mod placement;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::config::Config;
+use crate::shard::{ShardCommand, ShardEvent, ShardHandle};
+pub use http::router;
+use negotiate::PeerTemplate;
+use registry::{Registry, RouteUpdate};
+
+/// State shared by the HTTP handlers. The control thread is single-threaded; the mutex only
+/// satisfies axum's `Send` bounds and is never contended.
+pub struct Control {
+    pub config: Config,
+    pub registry: Mutex<Registry>,
+    pub shards: Vec<ShardHandle>,
+    /// Per shard: the candidate addresses announced in answers.
+    pub announced: Vec<Vec<SocketAddr>>,
+    pub template: PeerTemplate,
+    pub counters: http::HttpCounters,
+}
+
+pub type SharedControl = Arc<Control>;
+
+impl Control {
+    /// Tell every shard about route changes.
+    pub fn broadcast(&self, updates: Vec<RouteUpdate>) {
+        for update in updates {
+            for shard in &self.shards {
+                let cmd = match &update {
+                    RouteUpdate::Route {
+                        track,
+                        publisher,
+                        codecs,
+                    } => ShardCommand::TrackRoute {
+                        track: *track,
+                        publisher: *publisher,
+                        codecs: codecs.clone(),
+                    },
+                    RouteUpdate::Interest {
+                        track,
+                        shard,
+                        interested,
+                    } => ShardCommand::TrackInterest {
+                        track: *track,
+                        shard: *shard,
+                        interested: *interested,
+                    },
+                };
+                if shard.send(cmd).is_err() {
+                    tracing::error!(
+                        shard = shard.id,
+                        "shard command queue full: a route update was lost"
+                    );
+                }
+            }
+        }
+    }
+
+    /// React to what the shards report.
+    pub fn handle_event(&self, event: ShardEvent) {
+        match event {
+            ShardEvent::Connected { session, shard } => {
+                tracing::info!(%session, shard, "peer connected");
+                self.registry
+                    .lock()
+                    .expect("registry")
+                    .mark_connected(&session);
+            }
+            ShardEvent::Closed { session, reason } => {
+                let removed = self.registry.lock().expect("registry").remove(&session);
+                if let Some((info, updates)) = removed {
+                    tracing::info!(%session, stream = %info.stream, reason = reason.as_str(), "peer closed");
+                    self.broadcast(updates);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Turning an SDP offer into a ready str0m `Rtc` and its answer: ICE-lite, RTP mode, the process's
+//! one DTLS certificate, the shard's candidates, and for viewers only the publisher's codecs.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::change::SdpOffer;
+use str0m::format::{CodecConfig, PayloadParams};
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::{Candidate, Rtc, RtcConfig};
+
+/// Why an offer was refused; each maps to a `400` with this text.
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiationError {
+    #[error("malformed SDP offer: {0}")]
+    Malformed(String),
+    #[error("offer rejected: {0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// A negotiated peer, not yet connected.
+pub struct Negotiated {
+    pub rtc: Rtc,
+    pub answer: String,
+    pub ufrag: String,
+    /// The m-lines that carry media in the direction asked for: (mid, is video, codecs).
+    pub media: Vec<(Mid, bool, Vec<PayloadParams>)>,
+}
+
+/// Settings shared by every peer of the process.
+#[derive(Clone)]
+pub struct PeerTemplate {
+    pub cert: str0m::crypto::dtls::DtlsCert,
+}
+
+impl PeerTemplate {
+    pub fn new() -> Result<PeerTemplate, String> {
+        let provider = str0m::crypto::from_feature_flags();
+        let cert = provider
+            .dtls_provider
+            .generate_certificate()
+            .ok_or("could not generate the DTLS certificate")?;
+        Ok(PeerTemplate { cert })
+    }
+
+    fn config(&self, codecs: Option<&[PayloadParams]>) -> RtcConfig {
+        let mut cfg = RtcConfig::new()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .set_dtls_cert(self.cert.clone());
+        if let Some(codecs) = codecs {
+            *cfg.codec_config() = CodecConfig::new_from_payload_params(codecs.to_vec());
+        }
+        cfg
+    }
+
+    /// Negotiate a publisher (WHIP): keep the m-lines the client sends on.
+    pub fn publisher(
+        &self,
+        offer: &str,
+        candidates: &[SocketAddr],
+    ) -> Result<Negotiated, NegotiationError> {
+        self.negotiate(offer, candidates, None, true)
+    }
+
+    /// Negotiate a viewer (WHEP): only the publisher's codecs are on offer.
+    pub fn viewer(
+        &self,
+        offer: &str,
+        candidates: &[SocketAddr],
+        codecs: &[PayloadParams],
+    ) -> Result<Negotiated, NegotiationError> {
+        self.negotiate(offer, candidates, Some(codecs), false)
+    }
+
+    fn negotiate(
+        &self,
+        offer: &str,
+        candidates: &[SocketAddr],
+        codecs: Option<&[PayloadParams]>,
+        publish: bool,
+    ) -> Result<Negotiated, NegotiationError> {
+        let offer_text = offer;
+        let offer = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| NegotiationError::Malformed(e.to_string()))?;
+        let now = Instant::now();
+        let mut rtc = self.config(codecs).build(now);
+        for addr in candidates {
+            let c = Candidate::host(*addr, "udp")
+                .map_err(|e| NegotiationError::Rejected(format!("candidate {addr}: {e}")))?;
+            rtc.add_local_candidate(c);
+        }
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| NegotiationError::Rejected(e.to_string()))?;
+        // str0m announces media as events only once connected; read the m-lines directly.
+        let mut media = Vec::new();
+        for mid in offer_mids(offer_text) {
+            let Some(m) = rtc.media(mid) else {
+                continue;
+            };
+            let wanted = if publish {
+                matches!(m.direction(), Direction::RecvOnly | Direction::SendRecv)
+            } else {
+                matches!(m.direction(), Direction::SendOnly | Direction::SendRecv)
+            };
+            if !wanted || !matches!(m.kind(), MediaKind::Audio | MediaKind::Video) {
+                continue;
+            }
+            let params = negotiated_params(&rtc, mid);
+            if params.is_empty() {
+                continue;
+            }
+            media.push((mid, m.kind() == MediaKind::Video, params));
+        }
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        Ok(Negotiated {
+            rtc,
+            answer: answer.to_sdp_string(),
+            ufrag,
+            media,
+        })
+    }
+}
+
+/// The mids of an offer's m-lines, in order.
+fn offer_mids(sdp: &str) -> Vec<Mid> {
+    sdp.lines()
+        .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+        .map(|m| Mid::from(m.trim()))
+        .collect()
+}
+
+/// The codecs negotiated on one m-line.
+fn negotiated_params(rtc: &Rtc, mid: Mid) -> Vec<PayloadParams> {
+    let Some(media) = rtc.media(mid) else {
+        return Vec::new();
+    };
+    media
+        .remote_pts()
+        .iter()
+        .filter_map(|pt| rtc.codec_config().find(|p| p.pt() == *pt).copied())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(dir: Direction, vp8: bool) -> String {
+        let mut cfg = RtcConfig::new().clear_codecs().enable_opus(true, false);
+        cfg = if vp8 {
+            cfg.enable_vp8(true)
+        } else {
+            cfg.enable_h264(true)
+        };
+        let mut rtc = cfg.build(Instant::now());
+        rtc.add_local_candidate(Candidate::host("127.0.0.1:5000".parse().unwrap(), "udp").unwrap());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Video, dir, None, None, None);
+        api.add_media(MediaKind::Audio, dir, None, None, None);
+        let (o, _) = api.apply().unwrap();
+        o.to_sdp_string()
+    }
+
+    #[test]
+    fn publisher_offer_yields_audio_and_video() {
+        let t = PeerTemplate::new().unwrap();
+        let n = t
+            .publisher(
+                &offer(Direction::SendOnly, true),
+                &["127.0.0.1:40000".parse().unwrap()],
+            )
+            .unwrap();
+        let kinds: Vec<bool> = n.media.iter().map(|m| m.1).collect();
+        assert_eq!(kinds, vec![true, false], "{:?}", n.media);
+        assert!(n.answer.contains("a=ice-lite"));
+        assert!(n.answer.contains("127.0.0.1 40000"));
+        assert!(!n.ufrag.is_empty());
+    }
+
+    #[test]
+    fn viewer_gets_only_the_publishers_codecs() {
+        let t = PeerTemplate::new().unwrap();
+        let p = t
+            .publisher(
+                &offer(Direction::SendOnly, true),
+                &["127.0.0.1:40000".parse().unwrap()],
+            )
+            .unwrap();
+        let codecs: Vec<PayloadParams> = p.media.iter().flat_map(|m| m.2.clone()).collect();
+        let v = t
+            .viewer(
+                &offer(Direction::RecvOnly, true),
+                &["127.0.0.1:40001".parse().unwrap()],
+                &codecs,
+            )
+            .unwrap();
+        assert_eq!(v.media.len(), 2, "{:?}", v.media);
+        // An H.264-only viewer cannot receive a VP8 stream: no video m-line survives.
+        let v = t
+            .viewer(
+                &offer(Direction::RecvOnly, false),
+                &["127.0.0.1:40001".parse().unwrap()],
+                &codecs,
+            )
+            .unwrap();
+        assert!(v.media.iter().all(|m| !m.1), "{:?}", v.media);
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let t = PeerTemplate::new().unwrap();
+        let e = t.publisher("v=0\r\nnonsense", &[]).err().unwrap();
+        assert!(matches!(e, NegotiationError::Malformed(_)), "{e}");
+    }
+}

@@ -1,0 +1,930 @@
+//! One core's world. A shard owns its media sockets (through `io`), its peers (each a str0m `Rtc`),
+//! the 5-tuple and ufrag indexes that route datagrams to them, a timer heap of their deadlines, and
+//! its end of the cross-shard mesh. It never blocks except in its single wait point, never takes a
+//! lock, and talks to the control thread only through bounded queues.
+
+pub mod io;
+mod peer;
+mod stun;
+mod timers;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{Receiver, Sender, TrySendError};
+use slab::Slab;
+use str0m::format::PayloadParams;
+use str0m::media::{KeyframeRequestKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+
+use crate::mesh::{Doorbell, MediaPacket, MeshEndpoints, MeshMsg, PacketPool, PacketView, TrackId};
+use crate::metrics::{Counter, ShardCounters, ShardStats};
+use crate::sfu::{is_keyframe, CodecKind, KeyframeThrottle};
+use crate::{SessionId, ShardId};
+use io::{DatagramIo, IoConfig, WakeFd};
+use peer::{Peer, PeerTrack};
+use timers::TimerHeap;
+
+/// Why a peer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// `DELETE` on its session.
+    Deleted,
+    /// Never completed ICE and DTLS in time.
+    ConnectTimeout,
+    /// Connected, then went silent for longer than the ICE timeout.
+    IceTimeout,
+    /// ICE disconnected or DTLS closed by the remote.
+    Disconnected,
+    /// The WebRTC stack failed.
+    Error,
+    /// Replaced by a newer session, or the node shuts down.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Deleted => "deleted",
+            CloseReason::ConnectTimeout => "connect_timeout",
+            CloseReason::IceTimeout => "ice_timeout",
+            CloseReason::Disconnected => "disconnected",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A peer as the control thread hands it over: negotiated, not yet connected.
+pub struct NewPeer {
+    pub session: SessionId,
+    pub rtc: Rtc,
+    pub ufrag: String,
+    pub publisher: bool,
+    /// Which of the peer's m-lines carries which track (published or subscribed).
+    pub tracks: Vec<(Mid, TrackId)>,
+}
+
+/// Control thread to shard.
+pub enum ShardCommand {
+    AddPeer(Box<NewPeer>),
+    RemovePeer {
+        session: SessionId,
+        reason: CloseReason,
+    },
+    /// Where a track is published now (`None`: nobody publishes it), and its codecs. Sent to every
+    /// shard.
+    TrackRoute {
+        track: TrackId,
+        publisher: Option<ShardId>,
+        codecs: Arc<[PayloadParams]>,
+    },
+    /// Whether `shard` has at least one subscriber of `track`. Sent to every shard.
+    TrackInterest {
+        track: TrackId,
+        shard: ShardId,
+        interested: bool,
+    },
+    RemoteCandidate {
+        session: SessionId,
+        candidate: Candidate,
+    },
+    Shutdown,
+}
+
+/// Shard to control thread.
+#[derive(Debug)]
+pub enum ShardEvent {
+    Connected {
+        session: SessionId,
+        shard: ShardId,
+    },
+    Closed {
+        session: SessionId,
+        reason: CloseReason,
+    },
+}
+
+/// What a shard needs to know about its configuration.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub io: IoConfig,
+    /// Per socket (same order as `io.addrs`): the address announced in candidates.
+    pub announced: Vec<SocketAddr>,
+    pub pin_core: Option<usize>,
+    pub connect_timeout: Duration,
+    pub ice_timeout: Duration,
+    pub keyframe_min_interval: Duration,
+}
+
+/// The control thread's handle on a running shard.
+pub struct ShardHandle {
+    pub id: ShardId,
+    commands: Sender<ShardCommand>,
+    pub doorbell: Arc<Doorbell>,
+    pub stats: Arc<ShardStats>,
+    /// Bound socket addresses, in `ShardConfig::io.addrs` order.
+    pub local_addrs: Vec<SocketAddr>,
+    pub io_backend: &'static str,
+    join: Option<JoinHandle<()>>,
+}
+
+impl ShardHandle {
+    /// Queue a command and wake the shard. Fails (returning the command) when its queue is full.
+    pub fn send(&self, cmd: ShardCommand) -> Result<(), Box<ShardCommand>> {
+        match self.commands.try_send(cmd) {
+            Ok(()) => {
+                self.doorbell.ring();
+                Ok(())
+            }
+            Err(TrySendError::Full(c)) | Err(TrySendError::Disconnected(c)) => Err(Box::new(c)),
+        }
+    }
+
+    pub fn join(&mut self) {
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// Everything a shard thread is built from.
+pub struct ShardSetup {
+    pub id: ShardId,
+    pub config: ShardConfig,
+    pub wake: WakeFd,
+    pub doorbell: Arc<Doorbell>,
+    pub mesh: MeshEndpoints,
+    pub events: tokio::sync::mpsc::Sender<ShardEvent>,
+    pub command_capacity: usize,
+}
+
+/// Start a shard thread. Returns once its sockets are bound (or failed to bind).
+pub fn spawn(setup: ShardSetup) -> std::io::Result<ShardHandle> {
+    let (cmd_tx, cmd_rx) = crossbeam::channel::bounded(setup.command_capacity);
+    let stats = Arc::new(ShardStats::default());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let doorbell = setup.doorbell.clone();
+    let thread_stats = stats.clone();
+    let id = setup.id;
+    let join = std::thread::Builder::new()
+        .name(format!("sluice-shard-{id}"))
+        .spawn(move || {
+            if let Some(core) = setup.config.pin_core {
+                let cores = core_affinity::get_core_ids().unwrap_or_default();
+                if let Some(c) = cores.get(core % cores.len().max(1)) {
+                    if !core_affinity::set_for_current(*c) {
+                        tracing::warn!(shard = id, core, "could not pin shard thread");
+                    }
+                }
+            }
+            let io = match io::open(&setup.config.io, &setup.wake) {
+                Ok(io) => io,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok((io.local_addrs().to_vec(), io.name())));
+            let mut shard = Shard::new(setup, io, cmd_rx, thread_stats);
+            shard.run();
+        })?;
+    let (local_addrs, io_backend) = ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("shard thread died during start"))??;
+    Ok(ShardHandle {
+        id,
+        commands: cmd_tx,
+        doorbell,
+        stats,
+        local_addrs,
+        io_backend,
+        join: Some(join),
+    })
+}
+
+/// Forwarding state of one track on one shard.
+struct TrackState {
+    publisher_shard: Option<ShardId>,
+    codecs: Arc<[PayloadParams]>,
+    /// Other shards with at least one subscriber (bit per shard).
+    remote_shards: u64,
+    /// Local subscribers: (peer key, index into the peer's tracks).
+    local_subs: Vec<(usize, usize)>,
+    /// The local publisher: (peer key, its mid for this track).
+    local_publisher: Option<(usize, Mid)>,
+    throttle: KeyframeThrottle,
+    keyframe_pending: bool,
+}
+
+impl TrackState {
+    fn new(min_interval: Duration) -> TrackState {
+        TrackState {
+            publisher_shard: None,
+            codecs: Arc::from(Vec::new()),
+            remote_shards: 0,
+            local_subs: Vec::new(),
+            local_publisher: None,
+            throttle: KeyframeThrottle::new(min_interval),
+            keyframe_pending: false,
+        }
+    }
+
+    fn is_unused(&self) -> bool {
+        self.publisher_shard.is_none()
+            && self.remote_shards == 0
+            && self.local_subs.is_empty()
+            && self.local_publisher.is_none()
+    }
+
+    fn codec_of(&self, pt: u8) -> CodecKind {
+        self.codecs
+            .iter()
+            .find(|p| *p.pt() == pt)
+            .map(codec_kind)
+            .unwrap_or(CodecKind::Other)
+    }
+}
+
+pub(crate) fn codec_kind(p: &PayloadParams) -> CodecKind {
+    use str0m::format::Codec;
+    match p.spec().codec {
+        Codec::Opus => CodecKind::Opus,
+        Codec::Vp8 => CodecKind::Vp8,
+        Codec::Vp9 => CodecKind::Vp9,
+        Codec::H264 => CodecKind::H264,
+        Codec::Av1 => CodecKind::Av1,
+        _ => CodecKind::Other,
+    }
+}
+
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_SOURCES_PER_PEER: usize = 8;
+const SUBSCRIBER_KEYFRAME_RETRY: Duration = Duration::from_millis(300);
+
+struct Shard {
+    id: ShardId,
+    cfg: ShardConfig,
+    io: Box<dyn DatagramIo>,
+    commands: Receiver<ShardCommand>,
+    doorbell: Arc<Doorbell>,
+    stats: Arc<ShardStats>,
+    st: ShardState,
+}
+
+/// Everything but the I/O backend, so that the receive callback can borrow it mutably.
+struct ShardState {
+    id: ShardId,
+    cfg: ShardConfig,
+    counters: ShardCounters,
+    peers: Slab<Peer>,
+    // Keyed by what remote peers choose: std's SipHash with a random key resists flooding.
+    by_source: HashMap<(usize, SocketAddr), usize>,
+    by_ufrag: HashMap<Box<[u8]>, usize>,
+    by_session: HashMap<SessionId, usize>,
+    timers: TimerHeap,
+    tracks: HashMap<TrackId, TrackState>,
+    mesh: MeshEndpoints,
+    pool: &'static PacketPool,
+    events: tokio::sync::mpsc::Sender<ShardEvent>,
+    /// Datagrams produced this turn, handed to the backend at flush.
+    pending_tx: Vec<(usize, SocketAddr, Vec<u8>)>,
+    /// Keyframe needs raised this turn, routed at the end of it.
+    keyframe_needs: Vec<TrackId>,
+    scratch_subs: Vec<(usize, usize)>,
+    next_sweep: Instant,
+    next_publish: Instant,
+}
+
+impl Shard {
+    fn new(
+        setup: ShardSetup,
+        io: Box<dyn DatagramIo>,
+        commands: Receiver<ShardCommand>,
+        stats: Arc<ShardStats>,
+    ) -> Shard {
+        let now = Instant::now();
+        let st = ShardState {
+            id: setup.id,
+            cfg: setup.config.clone(),
+            counters: ShardCounters::default(),
+            peers: Slab::with_capacity(256),
+            by_source: HashMap::with_capacity(512),
+            by_ufrag: HashMap::with_capacity(256),
+            by_session: HashMap::with_capacity(256),
+            timers: TimerHeap::default(),
+            tracks: HashMap::with_capacity(64),
+            mesh: setup.mesh,
+            pool: PacketPool::new_static(8192),
+            events: setup.events,
+            pending_tx: Vec::with_capacity(1024),
+            keyframe_needs: Vec::with_capacity(64),
+            scratch_subs: Vec::with_capacity(64),
+            next_sweep: now + SWEEP_INTERVAL,
+            next_publish: now + PUBLISH_INTERVAL,
+        };
+        Shard {
+            id: setup.id,
+            cfg: setup.config,
+            io,
+            commands,
+            doorbell: setup.doorbell,
+            stats,
+            st,
+        }
+    }
+
+    fn run(&mut self) {
+        tracing::info!(
+            shard = self.id,
+            io = self.io.name(),
+            gso = self.io.gso(),
+            gro = self.io.gro(),
+            addrs = ?self.io.local_addrs(),
+            "shard running"
+        );
+        let mut busy = Duration::ZERO;
+        let mut idle = Duration::ZERO;
+        loop {
+            let turn_start = Instant::now();
+            self.st.counters.inc(Counter::LoopTurns);
+
+            // Commands from the control thread.
+            while let Ok(cmd) = self.commands.try_recv() {
+                if let ShardCommand::Shutdown = cmd {
+                    self.st.shutdown(turn_start);
+                    self.flush_io();
+                    self.publish(busy, idle);
+                    return;
+                }
+                self.st.handle_command(cmd, turn_start);
+            }
+
+            // Datagrams.
+            let st = &mut self.st;
+            let recv = self.io.recv(&mut |sock, src, data| {
+                st.handle_datagram(sock, src, data, Instant::now());
+            });
+            if let Err(e) = recv {
+                tracing::warn!(shard = self.id, error = %e, "receive failed");
+            }
+
+            // Packets and requests from other shards.
+            let now = Instant::now();
+            self.st.handle_mesh(now);
+
+            // Peer deadlines, keyframe throttles, liveness.
+            self.st.handle_timers(now);
+            self.st.route_keyframe_needs(now);
+
+            // Everything produced this turn goes out now, in one batch per destination.
+            let dropped = self.st.mesh.flush();
+            self.st.counters.add(Counter::DropRingFull, dropped as u64);
+            self.flush_io();
+
+            let now = Instant::now();
+            busy += now - turn_start;
+            if now >= self.st.next_publish {
+                self.st.next_publish = now + PUBLISH_INTERVAL;
+                self.publish(busy, idle);
+            }
+
+            // The one wait point: sockets, the next deadline, and the doorbell.
+            let deadline = self.st.next_deadline();
+            let timeout = deadline.saturating_duration_since(now);
+            if timeout.is_zero() {
+                continue;
+            }
+            self.doorbell.prepare_sleep();
+            if !self.commands.is_empty() || self.st.mesh.any_inbound() {
+                self.doorbell.awake();
+                continue;
+            }
+            if let Err(e) = self.io.wait(Some(timeout)) {
+                tracing::warn!(shard = self.id, error = %e, "wait failed");
+            }
+            self.doorbell.awake();
+            idle += now.elapsed();
+        }
+    }
+
+    fn flush_io(&mut self) {
+        for (sock, dest, bytes) in self.st.pending_tx.drain(..) {
+            self.st.counters.inc(Counter::DatagramsOut);
+            self.st.counters.add(Counter::BytesOut, bytes.len() as u64);
+            self.io.queue_send(sock, dest, bytes);
+        }
+        match self.io.flush() {
+            Ok(s) => self.st.counters.add(Counter::SendErrors, s.errors as u64),
+            Err(e) => tracing::warn!(shard = self.id, error = %e, "send flush failed"),
+        }
+    }
+
+    fn publish(&self, busy: Duration, idle: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.publish(&self.st.counters);
+        self.stats.peers.store(self.st.peers.len() as u64, Relaxed);
+        self.stats
+            .tracks
+            .store(self.st.tracks.len() as u64, Relaxed);
+        self.stats.busy_ns.store(busy.as_nanos() as u64, Relaxed);
+        self.stats.idle_ns.store(idle.as_nanos() as u64, Relaxed);
+        self.stats
+            .pool_allocated
+            .store(self.st.pool.allocated(), Relaxed);
+        let _ = &self.cfg;
+    }
+}
+
+impl ShardState {
+    fn handle_command(&mut self, cmd: ShardCommand, now: Instant) {
+        match cmd {
+            ShardCommand::AddPeer(p) => self.add_peer(*p, now),
+            ShardCommand::RemovePeer { session, reason } => {
+                if let Some(&key) = self.by_session.get(&session) {
+                    self.close_peer(key, reason);
+                }
+            }
+            ShardCommand::TrackRoute {
+                track,
+                publisher,
+                codecs,
+            } => self.set_route(track, publisher, codecs),
+            ShardCommand::TrackInterest {
+                track,
+                shard,
+                interested,
+            } => {
+                if shard != self.id && shard < 64 {
+                    let min = self.cfg.keyframe_min_interval;
+                    let ts = self
+                        .tracks
+                        .entry(track)
+                        .or_insert_with(|| TrackState::new(min));
+                    if interested {
+                        ts.remote_shards |= 1 << shard;
+                    } else {
+                        ts.remote_shards &= !(1 << shard);
+                    }
+                    self.forget_if_unused(track);
+                }
+            }
+            ShardCommand::RemoteCandidate { session, candidate } => {
+                if let Some(&key) = self.by_session.get(&session) {
+                    self.peers[key].rtc.add_remote_candidate(candidate);
+                    self.drain(key, now);
+                }
+            }
+            ShardCommand::Shutdown => {}
+        }
+    }
+
+    fn add_peer(&mut self, p: NewPeer, now: Instant) {
+        self.counters.inc(Counter::PeersAdded);
+        let min = self.cfg.keyframe_min_interval;
+        let publisher = p.publisher;
+        let ufrag: Box<[u8]> = p.ufrag.as_bytes().into();
+        let key = self.peers.insert(Peer::new(p, now));
+        let peer = &mut self.peers[key];
+        self.by_ufrag.insert(ufrag, key);
+        self.by_session.insert(peer.session, key);
+        for (i, t) in peer.tracks.iter().enumerate() {
+            let ts = self
+                .tracks
+                .entry(t.track)
+                .or_insert_with(|| TrackState::new(min));
+            if publisher {
+                ts.local_publisher = Some((key, t.mid));
+            } else {
+                ts.local_subs.push((key, i));
+            }
+        }
+        if !publisher {
+            let tracks: Vec<TrackId> = self.peers[key].tracks.iter().map(|t| t.track).collect();
+            for track in tracks {
+                self.refresh_pt_maps(track);
+            }
+        }
+        // Start its clock.
+        let _ = self.peers[key].rtc.handle_input(Input::Timeout(now));
+        self.drain(key, now);
+    }
+
+    fn set_route(
+        &mut self,
+        track: TrackId,
+        publisher: Option<ShardId>,
+        codecs: Arc<[PayloadParams]>,
+    ) {
+        let min = self.cfg.keyframe_min_interval;
+        let ts = self
+            .tracks
+            .entry(track)
+            .or_insert_with(|| TrackState::new(min));
+        ts.publisher_shard = publisher;
+        if publisher.is_some() {
+            ts.codecs = codecs;
+        }
+        self.refresh_pt_maps(track);
+        self.forget_if_unused(track);
+    }
+
+    /// Map the publisher's payload types to each local subscriber's, by codec.
+    fn refresh_pt_maps(&mut self, track: TrackId) {
+        let Some(ts) = self.tracks.get(&track) else {
+            return;
+        };
+        for &(key, ti) in &ts.local_subs {
+            let peer = &mut self.peers[key];
+            let mut map = [peer::NO_PT; 128];
+            for p in ts.codecs.iter() {
+                if let Some(local) = peer.rtc.codec_config().match_params(*p) {
+                    map[(*p.pt() & 127) as usize] = *local.pt();
+                }
+            }
+            if let Some(sub) = peer.tracks[ti].sub.as_mut() {
+                sub.pt_map = map;
+            }
+        }
+    }
+
+    fn forget_if_unused(&mut self, track: TrackId) {
+        if self.tracks.get(&track).is_some_and(TrackState::is_unused) {
+            self.tracks.remove(&track);
+        }
+    }
+
+    fn handle_datagram(&mut self, sock: usize, src: SocketAddr, data: &[u8], now: Instant) {
+        self.counters.inc(Counter::DatagramsIn);
+        self.counters.add(Counter::BytesIn, data.len() as u64);
+        let key = match self.by_source.get(&(sock, src)) {
+            Some(&key) => key,
+            None => match stun::local_ufrag(data).and_then(|u| self.by_ufrag.get(u)) {
+                Some(&key) => {
+                    let peer = &mut self.peers[key];
+                    if peer.sources.len() >= MAX_SOURCES_PER_PEER {
+                        self.counters.inc(Counter::DropUnknownSource);
+                        return;
+                    }
+                    peer.sources.push((sock, src));
+                    self.by_source.insert((sock, src), key);
+                    key
+                }
+                None => {
+                    let known_kind =
+                        stun::is_stun(data) || Receive::new(Protocol::Udp, src, src, data).is_ok();
+                    self.counters.inc(if known_kind {
+                        Counter::DropUnknownSource
+                    } else {
+                        Counter::DropMalformed
+                    });
+                    return;
+                }
+            },
+        };
+        let Some(&local) = self.cfg.announced.get(sock) else {
+            return;
+        };
+        let Ok(receive) = Receive::new(Protocol::Udp, src, local, data) else {
+            self.counters.inc(Counter::DropMalformed);
+            return;
+        };
+        let peer = &mut self.peers[key];
+        peer.last_recv = now;
+        if let Err(e) = peer.rtc.handle_input(Input::Receive(now, receive)) {
+            self.counters.inc(Counter::DropRtcError);
+            tracing::debug!(shard = self.id, session = %peer.session, error = %e, "input rejected");
+        }
+        self.drain(key, now);
+    }
+
+    /// Poll a peer until it has nothing more to say (str0m's contract after every mutation).
+    fn drain(&mut self, key: usize, now: Instant) {
+        loop {
+            let Some(peer) = self.peers.get_mut(key) else {
+                return;
+            };
+            let out = match peer.rtc.poll_output() {
+                Ok(out) => out,
+                Err(e) => {
+                    tracing::info!(shard = self.id, session = %peer.session, error = %e, "peer failed");
+                    self.close_peer(key, CloseReason::Error);
+                    return;
+                }
+            };
+            match out {
+                Output::Timeout(at) => {
+                    if peer.deadline != Some(at) {
+                        peer.deadline = Some(at);
+                        self.timers.schedule(at, key);
+                    }
+                    if !peer.rtc.is_alive() {
+                        self.close_peer(key, CloseReason::Disconnected);
+                    }
+                    return;
+                }
+                Output::Transmit(t) => {
+                    let sock = self
+                        .cfg
+                        .announced
+                        .iter()
+                        .position(|a| *a == t.source)
+                        .unwrap_or(0);
+                    self.pending_tx
+                        .push((sock, t.destination, t.contents.into()));
+                }
+                Output::Event(e) => self.handle_event(key, e, now),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, key: usize, event: Event, now: Instant) {
+        match event {
+            Event::Connected => {
+                let peer = &mut self.peers[key];
+                peer.connected = true;
+                self.counters.inc(Counter::PeersConnected);
+                let session = peer.session;
+                if !peer.publisher {
+                    for t in &peer.tracks {
+                        if t.track.is_video() {
+                            self.keyframe_needs.push(t.track);
+                        }
+                    }
+                }
+                let _ = self.events.try_send(ShardEvent::Connected {
+                    session,
+                    shard: self.id,
+                });
+                tracing::debug!(shard = self.id, %session, "peer connected");
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.close_peer(key, CloseReason::Disconnected);
+            }
+            Event::RtpPacket(pkt) => self.on_rtp(key, pkt, now),
+            Event::KeyframeRequest(req) => {
+                let peer = &self.peers[key];
+                if let Some(t) = peer.tracks.iter().find(|t| t.mid == req.mid) {
+                    self.counters.inc(Counter::KeyframeRequestsIn);
+                    self.keyframe_needs.push(t.track);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rtp(&mut self, key: usize, pkt: str0m::rtp::RtpPacket, now: Instant) {
+        self.counters.inc(Counter::RtpIn);
+        let peer = &mut self.peers[key];
+        if !peer.publisher {
+            return;
+        }
+        let ssrc = pkt.header.ssrc;
+        let Some(track) = peer.track_for_ssrc(ssrc) else {
+            return;
+        };
+        let Some(ts) = self.tracks.get(&track) else {
+            return;
+        };
+        let pt = *pkt.header.payload_type;
+        let keyframe = track.is_video() && is_keyframe(ts.codec_of(pt), &pkt.payload);
+        let view = PacketView {
+            track,
+            pt,
+            ssrc: *ssrc,
+            seq: pkt.header.sequence_number,
+            timestamp: pkt.header.timestamp,
+            marker: pkt.header.marker,
+            keyframe,
+            arrival: pkt.timestamp,
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            payload: pkt.payload,
+        };
+        let packet = self.pool.take(view);
+        let mut remote = ts.remote_shards;
+        while remote != 0 {
+            let shard = remote.trailing_zeros() as usize;
+            remote &= remote - 1;
+            if let Some(out) = self.mesh.outboxes.get_mut(shard) {
+                out.push(MeshMsg::Media(packet.clone()));
+            }
+        }
+        self.deliver_local(&packet, now);
+    }
+
+    fn deliver_local(&mut self, packet: &MediaPacket, now: Instant) {
+        let Some(ts) = self.tracks.get(&packet.track) else {
+            return;
+        };
+        let mut subs = std::mem::take(&mut self.scratch_subs);
+        subs.clear();
+        subs.extend_from_slice(&ts.local_subs);
+        for &(key, ti) in &subs {
+            self.forward(key, ti, packet, now);
+        }
+        self.scratch_subs = subs;
+    }
+
+    fn forward(&mut self, key: usize, ti: usize, packet: &MediaPacket, now: Instant) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        if !peer.connected {
+            return;
+        }
+        match peer.forward(ti, packet, now) {
+            peer::Forwarded::Sent => {
+                self.counters.inc(Counter::RtpForwarded);
+                self.drain(key, now);
+            }
+            peer::Forwarded::NoCodec => self.counters.inc(Counter::DropNoCodec),
+            peer::Forwarded::Dropped { wants_keyframe } => {
+                self.counters.inc(Counter::DropForwarder);
+                if wants_keyframe {
+                    let sub = peer.tracks[ti].sub.as_mut().expect("subscriber track");
+                    let due = sub
+                        .last_keyframe_ask
+                        .is_none_or(|t| now >= t + SUBSCRIBER_KEYFRAME_RETRY);
+                    if due {
+                        sub.last_keyframe_ask = Some(now);
+                        self.keyframe_needs.push(packet.track);
+                    }
+                }
+            }
+            peer::Forwarded::Skipped => {}
+        }
+    }
+
+    fn handle_mesh(&mut self, now: Instant) {
+        for from in 0..self.mesh.inboxes.len() {
+            // Bounded per turn, so one busy neighbour cannot starve our sockets.
+            for _ in 0..8192 {
+                let Some(msg) = self.mesh.inboxes[from].pop() else {
+                    break;
+                };
+                match msg {
+                    MeshMsg::Media(p) => self.deliver_local(&p, now),
+                    MeshMsg::KeyframeRequest(track) => self.request_keyframe(track, now, false),
+                }
+            }
+        }
+    }
+
+    fn route_keyframe_needs(&mut self, now: Instant) {
+        while let Some(track) = self.keyframe_needs.pop() {
+            self.request_keyframe(track, now, true);
+        }
+    }
+
+    /// Route a keyframe need to the publisher's shard, or throttle and send it if that is us.
+    fn request_keyframe(&mut self, track: TrackId, now: Instant, may_forward: bool) {
+        let Some(ts) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        match ts.publisher_shard {
+            Some(s) if s == self.id => {
+                if ts.throttle.request(now) {
+                    self.send_pli(track, now);
+                } else {
+                    ts.keyframe_pending = true;
+                }
+            }
+            Some(s) if may_forward => {
+                if let Some(out) = self.mesh.outboxes.get_mut(s) {
+                    out.push(MeshMsg::KeyframeRequest(track));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn send_pli(&mut self, track: TrackId, now: Instant) {
+        let Some((key, mid)) = self.tracks.get(&track).and_then(|t| t.local_publisher) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let mut api = peer.rtc.direct_api();
+        let mut sent = false;
+        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            sent = true;
+        }
+        if sent {
+            self.counters.inc(Counter::KeyframeRequestsSent);
+            self.drain(key, now);
+        }
+    }
+
+    fn handle_timers(&mut self, now: Instant) {
+        while let Some((at, key)) = self.timers.pop_due(now) {
+            let due = self.peers.get(key).is_some_and(|p| p.deadline == Some(at));
+            if due {
+                let peer = &mut self.peers[key];
+                peer.deadline = None;
+                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(shard = self.id, error = %e, "timeout input failed");
+                }
+                self.drain(key, now);
+            }
+        }
+        // Throttled keyframe requests that are now due.
+        let mut due = Vec::new();
+        for (track, ts) in self.tracks.iter_mut() {
+            if ts.keyframe_pending && ts.throttle.poll(now) {
+                ts.keyframe_pending = false;
+                due.push(*track);
+            }
+        }
+        for track in due {
+            self.send_pli(track, now);
+        }
+        if now >= self.next_sweep {
+            self.next_sweep = now + SWEEP_INTERVAL;
+            self.sweep(now);
+        }
+    }
+
+    /// Liveness: remove peers that never connected, or went silent.
+    fn sweep(&mut self, now: Instant) {
+        let mut dead = Vec::new();
+        for (key, p) in self.peers.iter() {
+            if !p.connected && now >= p.created + self.cfg.connect_timeout {
+                dead.push((key, CloseReason::ConnectTimeout));
+            } else if p.connected && now >= p.last_recv + self.cfg.ice_timeout {
+                dead.push((key, CloseReason::IceTimeout));
+            }
+        }
+        for (key, reason) in dead {
+            self.close_peer(key, reason);
+        }
+        if self.timers.len() > 4 * self.peers.len() + 1024 {
+            let peers = &self.peers;
+            self.timers
+                .compact(|at, key| peers.get(key).is_some_and(|p| p.deadline == Some(at)));
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut next = self.next_sweep.min(self.next_publish);
+        if let Some(t) = self.timers.peek() {
+            next = next.min(t);
+        }
+        for ts in self.tracks.values() {
+            if ts.keyframe_pending {
+                if let Some(t) = ts.throttle.next_due() {
+                    next = next.min(t);
+                }
+            }
+        }
+        next
+    }
+
+    fn close_peer(&mut self, key: usize, reason: CloseReason) {
+        let Some(mut peer) = self.peers.try_remove(key) else {
+            return;
+        };
+        self.counters.inc(Counter::PeersRemoved);
+        peer.rtc.disconnect();
+        for src in &peer.sources {
+            self.by_source.remove(src);
+        }
+        self.by_ufrag.remove(&peer.ufrag[..]);
+        self.by_session.remove(&peer.session);
+        for t in &peer.tracks {
+            if let Some(ts) = self.tracks.get_mut(&t.track) {
+                ts.local_subs.retain(|&(k, _)| k != key);
+                if ts.local_publisher.is_some_and(|(k, _)| k == key) {
+                    ts.local_publisher = None;
+                }
+            }
+            self.forget_if_unused(t.track);
+        }
+        tracing::debug!(shard = self.id, session = %peer.session, reason = reason.as_str(), "peer closed");
+        let _ = self.events.try_send(ShardEvent::Closed {
+            session: peer.session,
+            reason,
+        });
+    }
+
+    fn shutdown(&mut self, _now: Instant) {
+        let keys: Vec<usize> = self.peers.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close_peer(key, CloseReason::Shutdown);
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<ShardCommand>();
+    is_send::<PeerTrack>();
+}

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Runs sluice's end-to-end tests with real clients against a running sluice.
+#
+#   tests/install-clients.sh                                  # once: chromium, playwright-core, aiortc, coturn
+#   SLUICE_URL=http://127.0.0.1:8080 tests/e2e/run.sh         # all tests
+#   SLUICE_URL=http://127.0.0.1:8080 tests/e2e/run.sh chromium-h264 aiortc-vp8   # some of them
+#
+# The caller starts sluice (open, no JWT; or set SLUICE_TOKEN to a token allowed to publish and
+# subscribe every stream). Tests run one after another (2 cores are shared with builds):
+#
+#   aiortc-vp8      aiortc publishes VP8+Opus via WHIP, 2 aiortc players via WHEP decode >= 30 video
+#                   and >= 50 audio frames each in 20 s; every Location DELETEd -> 200
+#   chromium-vp8    headless Chromium publishes fake camera+mic (VP8 forced) via WHIP, 2 Chromium
+#                   pages play via WHEP: framesDecoded > 0 and totalSamplesReceived > 0 in 20 s
+#   chromium-h264   the same with H.264
+#
+# Prints one line per test, 'PASS name' or 'FAIL name: reason', then exactly one line
+# 'N passed, M failed'; exits 1 if any failed (2 on a usage error). Each test's full output is kept
+# in $E2E_LOG_DIR (default: a fresh temp dir); failed tests' logs are also copied to stderr, and
+# E2E_VERBOSE=1 streams every test's output to stderr as it runs.
+#
+# Environment: SLUICE_URL (required, loopback only), SLUICE_TOKEN, E2E_LOG_DIR, E2E_VERBOSE,
+# E2E_TEST_TIMEOUT (seconds per test, default 120), CHROMIUM (default /usr/bin/chromium).
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="$HERE/.venv/bin/python"
+ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264)
+
+if [ -z "${SLUICE_URL:-}" ]; then
+    echo "usage: SLUICE_URL=http://127.0.0.1:PORT $0 [test ...]   (tests: ${ALL_TESTS[*]})" >&2
+    exit 2
+fi
+URL="${SLUICE_URL%/}"
+case "$URL" in
+    http://127.*|https://127.*|http://localhost[:/]*|https://localhost[:/]*|http://localhost|https://localhost|http://\[::1\]*|https://\[::1\]*) ;;
+    *) echo "SLUICE_URL must point at a loopback address (127.0.0.0/8, localhost, [::1]): $URL" >&2; exit 2 ;;
+esac
+
+if [ "$#" -gt 0 ]; then
+    TESTS=("$@")
+    for t in "${TESTS[@]}"; do
+        [[ " ${ALL_TESTS[*]} " == *" $t "* ]] || { echo "unknown test '$t' (tests: ${ALL_TESTS[*]})" >&2; exit 2; }
+    done
+else
+    TESTS=("${ALL_TESTS[@]}")
+fi
+
+LOG_DIR="${E2E_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/sluice-e2e.XXXXXX")}"
+mkdir -p "$LOG_DIR"
+PER_TEST_TIMEOUT="${E2E_TEST_TIMEOUT:-120}"
+RUN_ID="$(date +%s)-$$"
+TOKEN_ARGS=()
+[ -n "${SLUICE_TOKEN:-}" ] && TOKEN_ARGS=(--token "$SLUICE_TOKEN")
+echo "e2e: sluice at $URL, logs in $LOG_DIR" >&2
+
+# What a test needs that install-clients.sh provides; empty when all is there.
+missing_for() {
+    case "$1" in
+        aiortc-*)
+            { [ -x "$PY" ] && "$PY" -c 'import aiortc' 2>/dev/null; } ||
+                echo "aiortc not installed in tests/e2e/.venv: run tests/install-clients.sh" ;;
+        chromium-*)
+            if ! command -v node >/dev/null 2>&1; then echo "node not found: run tests/install-clients.sh"
+            elif ! [ -x "${CHROMIUM:-/usr/bin/chromium}" ]; then echo "${CHROMIUM:-/usr/bin/chromium} not found: run tests/install-clients.sh"
+            elif ! (cd "$HERE" && node -e 'require("playwright-core")' 2>/dev/null); then
+                echo "playwright-core not installed in tests/e2e/node_modules: run tests/install-clients.sh"
+            fi ;;
+    esac
+}
+
+command_for() {
+    local stream="e2e-$1-$RUN_ID"
+    case "$1" in
+        aiortc-vp8) CMD=("$PY" "$HERE/aiortc_whip_whep.py" --url "$URL" --stream "$stream") ;;
+        chromium-vp8) CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec vp8 --stream "$stream") ;;
+        chromium-h264) CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec h264 --stream "$stream") ;;
+    esac
+    CMD+=("${TOKEN_ARGS[@]}")
+}
+
+passed=0
+failed=0
+failed_logs=()
+for t in "${TESTS[@]}"; do
+    log="$LOG_DIR/$t.log"
+    why="$(missing_for "$t")"
+    if [ -n "$why" ]; then
+        echo "$why" >"$log"
+        echo "FAIL $t: $why"
+        failed=$((failed + 1))
+        continue
+    fi
+    command_for "$t"
+    start=$(date +%s)
+    if [ "${E2E_VERBOSE:-0}" = 1 ]; then
+        timeout -k 10 "$PER_TEST_TIMEOUT" "${CMD[@]}" </dev/null 2>&1 | tee "$log" >&2
+        rc=${PIPESTATUS[0]}
+    else
+        timeout -k 10 "$PER_TEST_TIMEOUT" "${CMD[@]}" </dev/null >"$log" 2>&1
+        rc=$?
+    fi
+    secs=$(( $(date +%s) - start ))
+    if [ "$rc" -eq 0 ]; then
+        echo "PASS $t"
+        passed=$((passed + 1))
+    else
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            reason="timed out after ${PER_TEST_TIMEOUT} s"
+        else
+            reason="$(grep -a '^FAIL: ' "$log" | tail -1 | sed 's/^FAIL: //')"
+            [ -n "$reason" ] || reason="exit code $rc: $(grep -av '^\s*$' "$log" | tail -1 | cut -c1-300)"
+        fi
+        echo "FAIL $t: $reason"
+        failed=$((failed + 1))
+        failed_logs+=("$log")
+    fi
+    echo "e2e: $t took ${secs} s" >&2
+done
+
+for log in "${failed_logs[@]}"; do
+    {
+        echo "---- $log (last 40 lines)"
+        tail -n 40 "$log" | cut -c1-2000 | sed 's/^/  | /'
+    } >&2
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
