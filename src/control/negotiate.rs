@@ -119,11 +119,56 @@ impl PeerTemplate {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         Ok(Negotiated {
             rtc,
-            answer: answer.to_sdp_string(),
+            answer: candidates_in_every_section(&answer.to_sdp_string()),
             ufrag,
             media,
         })
     }
+}
+
+/// Repeat the host candidates in every m-section and close each with `a=end-of-candidates`.
+///
+/// str0m lists them in the first section only. Bundled clients differ in which section they read
+/// (aiortc takes the last), and sluice never trickles, so every section says all there is.
+fn candidates_in_every_section(sdp: &str) -> String {
+    let lines: Vec<&str> = sdp.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let candidates: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("a=candidate:"))
+        .collect();
+    let mut out = String::with_capacity(sdp.len() + 256);
+    let mut in_media = false;
+    let mut pending = false;
+    let flush = |out: &mut String| {
+        for c in &candidates {
+            out.push_str(c);
+            out.push_str("\r\n");
+        }
+        out.push_str("a=end-of-candidates\r\n");
+    };
+    for line in lines {
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        if line.starts_with("m=") {
+            if pending {
+                flush(&mut out);
+            }
+            in_media = true;
+            pending = true;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+        if in_media && pending && line.starts_with("c=") {
+            flush(&mut out);
+            pending = false;
+        }
+    }
+    if pending {
+        flush(&mut out);
+    }
+    out
 }
 
 /// The mids of an offer's m-lines, in order.
@@ -178,7 +223,13 @@ mod tests {
         let kinds: Vec<bool> = n.media.iter().map(|m| m.1).collect();
         assert_eq!(kinds, vec![true, false], "{:?}", n.media);
         assert!(n.answer.contains("a=ice-lite"));
-        assert!(n.answer.contains("127.0.0.1 40000"));
+        assert_eq!(
+            n.answer.matches("127.0.0.1 40000").count(),
+            2,
+            "in both sections"
+        );
+        assert_eq!(n.answer.matches("a=end-of-candidates").count(), 2);
+        assert!(n.answer.ends_with("\r\n"));
         assert!(!n.ufrag.is_empty());
     }
 
