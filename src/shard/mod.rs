@@ -163,6 +163,14 @@ pub struct ShardSetup {
     pub command_capacity: usize,
 }
 
+static THREAD_START_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Run `hook` at the start of every shard thread, before its loop. For profiling and tests (the
+/// allocation-counting test marks shard threads with it); set at most once per process.
+pub fn on_shard_thread_start(hook: fn()) {
+    let _ = THREAD_START_HOOK.set(hook);
+}
+
 /// Start a shard thread. Returns once its sockets are bound (or failed to bind).
 pub fn spawn(setup: ShardSetup) -> std::io::Result<ShardHandle> {
     let (cmd_tx, cmd_rx) = crossbeam::channel::bounded(setup.command_capacity);
@@ -174,6 +182,9 @@ pub fn spawn(setup: ShardSetup) -> std::io::Result<ShardHandle> {
     let join = std::thread::Builder::new()
         .name(format!("sluice-shard-{id}"))
         .spawn(move || {
+            if let Some(hook) = THREAD_START_HOOK.get() {
+                hook();
+            }
             if let Some(core) = setup.config.pin_core {
                 let cores = core_affinity::get_core_ids().unwrap_or_default();
                 if let Some(c) = cores.get(core % cores.len().max(1)) {
