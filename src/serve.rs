@@ -91,7 +91,7 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
         .iter()
         .map(|w| Arc::new(Doorbell::new(w.clone())))
         .collect();
-    let mesh = Mesh::new(doorbells.clone(), config.media.ring_capacity);
+    let mesh = Arc::new(Mesh::new(doorbells.clone(), config.media.ring_capacity));
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(16 * 1024);
 
     let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
@@ -141,6 +141,7 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
         "media shards started"
     );
 
+    let io_backend = handles[0].io_backend;
     let listener = TcpListener::bind(config.http.listen)
         .map_err(|e| format!("http.listen {}: {e}", config.http.listen))?;
     listener.set_nonblocking(true)?;
@@ -152,7 +153,8 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
         shards: handles,
         announced,
         template,
-        counters: Default::default(),
+        metrics: crate::metrics::export::Exporter::new(io_backend),
+        mesh,
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let ctl = control.clone();

@@ -5,7 +5,6 @@
 // signaling path.
 #![allow(clippy::result_large_err)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -22,21 +21,8 @@ use super::placement::shard_for;
 use super::registry::{RegistryError, SessionKind};
 use super::SharedControl;
 use crate::mesh::TrackId;
-use crate::metrics::Counter;
 use crate::shard::{CloseReason, NewPeer, ShardCommand};
 use crate::SessionId;
-
-/// HTTP outcomes by kind, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct HttpCounters {
-    pub created: AtomicU64,
-    pub deleted: AtomicU64,
-    pub bad_request: AtomicU64,
-    pub not_found: AtomicU64,
-    pub conflict: AtomicU64,
-    pub unsupported_media_type: AtomicU64,
-    pub over_capacity: AtomicU64,
-}
 
 const DEMO_PAGE: &str = include_str!("demo.html");
 
@@ -81,6 +67,10 @@ pub fn router(control: SharedControl) -> Router {
             axum::routing::delete(delete_whep).patch(patch_whep),
         )
         .layer(DefaultBodyLimit::max(body_limit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            count_requests,
+        ))
         .layer(cors)
         .with_state(control)
 }
@@ -120,28 +110,38 @@ fn precheck<'a>(
     body: &'a Bytes,
 ) -> Result<&'a str, Response> {
     if !valid_stream_name(stream) {
-        c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        c.metrics
+            .signaling
+            .with_label_values(&["bad_request"])
+            .inc();
         return Err(text(
             StatusCode::BAD_REQUEST,
             "stream names are 1-128 characters of A-Z a-z 0-9 - _ .",
         ));
     }
     if !has_content_type(headers, "application/sdp") {
-        c.counters
-            .unsupported_media_type
-            .fetch_add(1, Ordering::Relaxed);
+        c.metrics
+            .signaling
+            .with_label_values(&["unsupported_media_type"])
+            .inc();
         return Err(text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the offer must be sent as Content-Type: application/sdp",
         ));
     }
     let Ok(offer) = std::str::from_utf8(body) else {
-        c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        c.metrics
+            .signaling
+            .with_label_values(&["bad_request"])
+            .inc();
         return Err(text(StatusCode::BAD_REQUEST, "the offer is not UTF-8"));
     };
     let sessions = c.registry.lock().expect("registry").sessions();
     if sessions >= c.config.limits.max_peers {
-        c.counters.over_capacity.fetch_add(1, Ordering::Relaxed);
+        c.metrics
+            .signaling
+            .with_label_values(&["over_capacity"])
+            .inc();
         let mut r = text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -157,7 +157,10 @@ fn precheck<'a>(
 }
 
 fn negotiation_failed(c: &SharedControl, e: NegotiationError) -> Response {
-    c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+    c.metrics
+        .signaling
+        .with_label_values(&["bad_request"])
+        .inc();
     text(StatusCode::BAD_REQUEST, e.to_string())
 }
 
@@ -185,7 +188,10 @@ fn hand_over(c: &SharedControl, shard: usize, peer: NewPeer) -> Result<(), Respo
     c.shards[shard]
         .send(ShardCommand::AddPeer(Box::new(peer)))
         .map_err(|_| {
-            c.counters.over_capacity.fetch_add(1, Ordering::Relaxed);
+            c.metrics
+                .signaling
+                .with_label_values(&["over_capacity"])
+                .inc();
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "media shard is overloaded");
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -209,7 +215,7 @@ async fn whip(
     let stream_id = match reg.prepare_publish(&stream) {
         Ok(id) => id,
         Err(_) => {
-            c.counters.conflict.fetch_add(1, Ordering::Relaxed);
+            c.metrics.signaling.with_label_values(&["conflict"]).inc();
             return text(
                 StatusCode::CONFLICT,
                 format!("stream {stream:?} already has a publisher"),
@@ -245,7 +251,7 @@ async fn whip(
     let updates = match reg.add_publisher(session, &stream, shard, etag.clone(), published) {
         Ok(u) => u,
         Err(RegistryError::Conflict | RegistryError::NotPublished) => {
-            c.counters.conflict.fetch_add(1, Ordering::Relaxed);
+            c.metrics.signaling.with_label_values(&["conflict"]).inc();
             return text(StatusCode::CONFLICT, "stream already has a publisher");
         }
     };
@@ -264,7 +270,7 @@ async fn whip(
     }
     drop(reg);
     c.broadcast(updates);
-    c.counters.created.fetch_add(1, Ordering::Relaxed);
+    c.metrics.signaling.with_label_values(&["created"]).inc();
     tracing::info!(%session, %stream, shard, "publisher created");
     created(SessionKind::Publish, &stream, session, &etag, n.answer)
 }
@@ -285,7 +291,7 @@ async fn whep(
     let published = match reg.published(&stream) {
         Ok(p) => p,
         Err(_) => {
-            c.counters.not_found.fetch_add(1, Ordering::Relaxed);
+            c.metrics.signaling.with_label_values(&["not_found"]).inc();
             return text(
                 StatusCode::NOT_FOUND,
                 format!("nobody publishes stream {stream:?}"),
@@ -360,7 +366,7 @@ async fn whep(
         }
         return r;
     }
-    c.counters.created.fetch_add(1, Ordering::Relaxed);
+    c.metrics.signaling.with_label_values(&["created"]).inc();
     tracing::info!(%session, %stream, shard, "viewer created");
     created(SessionKind::Play, &stream, session, &etag, n.answer)
 }
@@ -387,7 +393,7 @@ fn lookup(
     session: &str,
 ) -> Result<(SessionId, usize, String), Response> {
     let not_found = || {
-        c.counters.not_found.fetch_add(1, Ordering::Relaxed);
+        c.metrics.signaling.with_label_values(&["not_found"]).inc();
         text(StatusCode::NOT_FOUND, "no such session")
     };
     let id: SessionId = session.parse().map_err(|_| not_found())?;
@@ -417,7 +423,7 @@ async fn delete_session(
         session: id,
         reason: CloseReason::Deleted,
     });
-    c.counters.deleted.fetch_add(1, Ordering::Relaxed);
+    c.metrics.signaling.with_label_values(&["deleted"]).inc();
     tracing::info!(session = %id, %stream, "session deleted");
     text(StatusCode::OK, "session ended")
 }
@@ -451,9 +457,10 @@ async fn patch_session(
         Err(r) => return r,
     };
     if !has_content_type(&headers, "application/trickle-ice-sdpfrag") {
-        c.counters
-            .unsupported_media_type
-            .fetch_add(1, Ordering::Relaxed);
+        c.metrics
+            .signaling
+            .with_label_values(&["unsupported_media_type"])
+            .inc();
         return text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "PATCH takes Content-Type: application/trickle-ice-sdpfrag",
@@ -469,7 +476,10 @@ async fn patch_session(
         }
     }
     let Ok(frag) = std::str::from_utf8(&body) else {
-        c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        c.metrics
+            .signaling
+            .with_label_values(&["bad_request"])
+            .inc();
         return text(StatusCode::BAD_REQUEST, "the fragment is not UTF-8");
     };
     let mut candidates = Vec::new();
@@ -478,7 +488,10 @@ async fn patch_session(
             match Candidate::from_sdp_string(&format!("candidate:{cand}")) {
                 Ok(c) => candidates.push(c),
                 Err(e) => {
-                    c.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+                    c.metrics
+                        .signaling
+                        .with_label_values(&["bad_request"])
+                        .inc();
                     return text(StatusCode::BAD_REQUEST, format!("bad candidate: {e}"));
                 }
             }
@@ -532,59 +545,39 @@ async fn list_streams(State(c): State<SharedControl>) -> Response {
 }
 
 async fn metrics(State(c): State<SharedControl>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(8192);
-    for counter in Counter::ALL {
-        let name = format!("sluice_{}", counter.metric());
-        let _ = writeln!(out, "# HELP {name} {}", counter.help());
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for s in &c.shards {
-            let _ = writeln!(
-                out,
-                "{name}{{shard=\"{}\"}} {}",
-                s.id,
-                s.stats.get(*counter)
-            );
+    let stats: Vec<&crate::metrics::ShardStats> = c.shards.iter().map(|s| &*s.stats).collect();
+    let gauges = {
+        let reg = c.registry.lock().expect("registry");
+        let (publish_sessions, play_sessions) = reg.session_counts();
+        crate::metrics::export::ControlGauges {
+            publish_sessions,
+            play_sessions,
+            streams: reg.streams() as u64,
+            ring_depths: c.mesh.depths(),
         }
-    }
-    let _ = writeln!(out, "# HELP sluice_peers Peers owned by each shard.");
-    let _ = writeln!(out, "# TYPE sluice_peers gauge");
-    for s in &c.shards {
-        let _ = writeln!(
-            out,
-            "sluice_peers{{shard=\"{}\"}} {}",
-            s.id,
-            s.stats.peers.load(Ordering::Relaxed)
-        );
-    }
-    let reg = c.registry.lock().expect("registry");
-    let _ = writeln!(
-        out,
-        "# HELP sluice_streams Streams with a publisher or viewers."
-    );
-    let _ = writeln!(out, "# TYPE sluice_streams gauge");
-    let _ = writeln!(out, "sluice_streams {}", reg.streams());
-    drop(reg);
-    let _ = writeln!(
-        out,
-        "# HELP sluice_http_signaling_total Signaling outcomes."
-    );
-    let _ = writeln!(out, "# TYPE sluice_http_signaling_total counter");
-    let h = &c.counters;
-    for (outcome, v) in [
-        ("created", &h.created),
-        ("deleted", &h.deleted),
-        ("bad_request", &h.bad_request),
-        ("not_found", &h.not_found),
-        ("conflict", &h.conflict),
-        ("unsupported_media_type", &h.unsupported_media_type),
-        ("over_capacity", &h.over_capacity),
-    ] {
-        let _ = writeln!(
-            out,
-            "sluice_http_signaling_total{{outcome=\"{outcome}\"}} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        c.metrics.render(&stats, &gauges),
+    )
+        .into_response()
+}
+
+/// Count every request by route template and status.
+pub async fn count_requests(
+    State(c): State<SharedControl>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    c.metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    resp
 }

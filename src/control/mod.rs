@@ -25,7 +25,8 @@ pub struct Control {
     /// Per shard: the candidate addresses announced in answers.
     pub announced: Vec<Vec<SocketAddr>>,
     pub template: PeerTemplate,
-    pub counters: http::HttpCounters,
+    pub metrics: crate::metrics::export::Exporter,
+    pub mesh: Arc<crate::mesh::Mesh>,
 }
 
 pub type SharedControl = Arc<Control>;

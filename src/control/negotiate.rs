@@ -49,6 +49,7 @@ impl PeerTemplate {
         let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
             .set_rtp_mode(true)
+            .set_stats_interval(Some(std::time::Duration::from_secs(1)))
             .set_dtls_cert(self.cert.clone());
         if let Some(codecs) = codecs {
             *cfg.codec_config() = CodecConfig::new_from_payload_params(codecs.to_vec());

@@ -88,6 +88,16 @@ impl Registry {
         self.sessions.len()
     }
 
+    /// (publish sessions, play sessions).
+    pub fn session_counts(&self) -> (u64, u64) {
+        let publish = self
+            .sessions
+            .values()
+            .filter(|s| s.kind == SessionKind::Publish)
+            .count() as u64;
+        (publish, self.sessions.len() as u64 - publish)
+    }
+
     pub fn session(&self, id: &SessionId) -> Option<&SessionInfo> {
         self.sessions.get(id)
     }

@@ -110,6 +110,19 @@ impl Mesh {
         self.shards
     }
 
+    /// (from, to, messages waiting) for every ring between two different shards.
+    pub fn depths(&self) -> Vec<(ShardId, ShardId, usize)> {
+        let mut v = Vec::new();
+        for from in 0..self.shards {
+            for to in 0..self.shards {
+                if from != to {
+                    v.push((from, to, self.rings[from * self.shards + to].len()));
+                }
+            }
+        }
+        v
+    }
+
     /// The endpoints shard `me` owns: its producers towards every other shard and its consumers
     /// from every other shard. Each ring has exactly one producer and one consumer.
     pub fn endpoints(&self, me: ShardId) -> MeshEndpoints {

@@ -1,63 +1,155 @@
-//! Per-shard counters. A shard bumps plain `u64`s on its hot path and publishes a snapshot into its
-//! `ShardStats` (relaxed atomic stores) a few times a second; the control thread sums the snapshots
-//! on scrape. Nothing here is shared on the per-packet path.
+//! Metrics. A shard bumps plain `u64`s on its hot path and publishes a snapshot into its
+//! `ShardStats` (relaxed atomic stores) a few times a second; the control thread turns the
+//! snapshots into Prometheus families on scrape (`export`). Nothing is shared per packet.
+//! Every metric is documented in `docs/metrics.md`.
+
+pub mod export;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 macro_rules! counters {
-    ($($name:ident => $metric:literal, $help:literal;)*) => {
-        /// Every per-shard counter, in a fixed order.
+    ($($name:ident => $family:literal [$($k:literal = $v:literal),*];)*) => {
+        /// Every per-shard counter, in a fixed order. Several counters share one Prometheus
+        /// family and differ by their (bounded) labels.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[repr(usize)]
         pub enum Counter { $($name,)* }
 
         impl Counter {
             pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
-            /// Prometheus name without the `sluice_` prefix.
-            pub fn metric(self) -> &'static str {
-                match self { $(Counter::$name => $metric,)* }
+            /// Family name without the `sluice_` prefix.
+            pub fn family(self) -> &'static str {
+                match self { $(Counter::$name => $family,)* }
             }
-            pub fn help(self) -> &'static str {
-                match self { $(Counter::$name => $help,)* }
+            /// Labels other than `shard`.
+            pub fn labels(self) -> &'static [(&'static str, &'static str)] {
+                match self { $(Counter::$name => &[$(($k, $v)),*],)* }
             }
         }
     };
 }
 
 counters! {
-    DatagramsIn => "media_datagrams_received_total", "UDP datagrams read from media sockets.";
-    BytesIn => "media_received_bytes_total", "Bytes read from media sockets.";
-    DatagramsOut => "media_datagrams_sent_total", "UDP datagrams written to media sockets.";
-    BytesOut => "media_sent_bytes_total", "Bytes written to media sockets.";
-    RtpIn => "rtp_received_packets_total", "RTP packets received from publishers (after decryption).";
-    RtpForwarded => "rtp_forwarded_packets_total", "RTP packets written to subscribers.";
-    DropUnknownSource => "drop_unknown_source_total", "Datagrams from a 5-tuple no peer owns (and not a STUN request for a known ufrag).";
-    DropMalformed => "drop_malformed_total", "Datagrams that are neither STUN, DTLS, RTP nor RTCP.";
-    DropRtcError => "drop_rtc_rejected_total", "Datagrams the peer's WebRTC stack rejected (decrypt failure, replay, bad state).";
-    DropRingFull => "drop_ring_full_total", "Packets dropped because a cross-shard ring was full.";
-    DropForwarder => "drop_forwarder_total", "Packets a subscriber's forwarder chose not to send (waiting for a keyframe, duplicate, too old).";
-    DropNoCodec => "drop_no_codec_total", "Packets whose codec the subscriber did not negotiate.";
-    KeyframeRequestsIn => "keyframe_requests_received_total", "PLI/FIR received from subscribers, plus keyframe needs of new subscribers.";
-    KeyframeRequestsSent => "keyframe_requests_sent_total", "PLI sent to publishers after throttling.";
-    PeersAdded => "peers_added_total", "Peers handed to this shard.";
-    PeersConnected => "peers_connected_total", "Peers that completed ICE and DTLS.";
-    PeersRemoved => "peers_removed_total", "Peers removed (any reason).";
-    SendErrors => "media_send_errors_total", "Datagrams the kernel refused to send.";
-    LoopTurns => "shard_loop_turns_total", "Iterations of the shard loop.";
+    PacketsInRtp => "media_packets_total" ["direction" = "in", "kind" = "rtp"];
+    PacketsInRtcp => "media_packets_total" ["direction" = "in", "kind" = "rtcp"];
+    PacketsInStun => "media_packets_total" ["direction" = "in", "kind" = "stun"];
+    PacketsInDtls => "media_packets_total" ["direction" = "in", "kind" = "dtls"];
+    PacketsInOther => "media_packets_total" ["direction" = "in", "kind" = "other"];
+    PacketsOutRtp => "media_packets_total" ["direction" = "out", "kind" = "rtp"];
+    PacketsOutRtcp => "media_packets_total" ["direction" = "out", "kind" = "rtcp"];
+    PacketsOutStun => "media_packets_total" ["direction" = "out", "kind" = "stun"];
+    PacketsOutDtls => "media_packets_total" ["direction" = "out", "kind" = "dtls"];
+    PacketsOutOther => "media_packets_total" ["direction" = "out", "kind" = "other"];
+    BytesIn => "media_bytes_total" ["direction" = "in"];
+    BytesOut => "media_bytes_total" ["direction" = "out"];
+    RtpIn => "rtp_received_packets_total" [];
+    RtpForwarded => "rtp_forwarded_packets_total" [];
+    DropRingFull => "dropped_packets_total" ["reason" = "ring_full"];
+    DropDecrypt => "dropped_packets_total" ["reason" = "decrypt"];
+    DropUnknownSource => "dropped_packets_total" ["reason" = "unknown_source"];
+    DropMalformed => "dropped_packets_total" ["reason" = "malformed"];
+    DropRateLimited => "dropped_packets_total" ["reason" = "rate_limited"];
+    DropForwarder => "dropped_packets_total" ["reason" = "forwarder"];
+    DropNoCodec => "dropped_packets_total" ["reason" = "no_codec"];
+    KeyframeInPli => "keyframe_requests_total" ["direction" = "in", "kind" = "pli"];
+    KeyframeInFir => "keyframe_requests_total" ["direction" = "in", "kind" = "fir"];
+    KeyframeOutPli => "keyframe_requests_total" ["direction" = "out", "kind" = "pli"];
+    Nacks => "nacks_total" [];
+    PeersAdded => "peers_added_total" [];
+    PeersConnected => "peers_connected_total" [];
+    RemovedDeleted => "peers_removed_total" ["reason" = "deleted"];
+    RemovedConnectTimeout => "peers_removed_total" ["reason" = "connect_timeout"];
+    RemovedIceTimeout => "peers_removed_total" ["reason" = "ice_timeout"];
+    RemovedDisconnected => "peers_removed_total" ["reason" = "disconnected"];
+    RemovedError => "peers_removed_total" ["reason" = "error"];
+    RemovedShutdown => "peers_removed_total" ["reason" = "shutdown"];
+    SendErrors => "media_send_errors_total" [];
+    LoopTurns => "shard_loop_turns_total" [];
+}
+
+/// Help text of each counter family.
+pub fn family_help(family: &str) -> &'static str {
+    match family {
+        "media_packets_total" => "Datagrams on media sockets by direction and kind (SRTP and SRTCP counted as rtp and rtcp).",
+        "media_bytes_total" => "Bytes on media sockets by direction.",
+        "rtp_received_packets_total" => "RTP packets received from publishers, after decryption.",
+        "rtp_forwarded_packets_total" => "RTP packets written to subscribers.",
+        "dropped_packets_total" => "Datagrams or packets dropped, by reason: ring_full (cross-shard ring full), decrypt (rejected by the peer's WebRTC stack), unknown_source (no peer owns the 5-tuple), malformed (not STUN/DTLS/RTP/RTCP), rate_limited (a peer exceeded its address limit), forwarder (waiting for a keyframe, duplicate, too old), no_codec (codec not negotiated by the subscriber).",
+        "keyframe_requests_total" => "Keyframe requests: in = PLI/FIR from subscribers, out = PLI sent to publishers after throttling.",
+        "nacks_total" => "NACK feedback received from subscribers (answered from their send buffers).",
+        "peers_added_total" => "Peers handed to the shard by the control thread.",
+        "peers_connected_total" => "Peers that completed ICE and DTLS.",
+        "peers_removed_total" => "Peers removed, by reason.",
+        "media_send_errors_total" => "Datagrams the kernel refused to send.",
+        "shard_loop_turns_total" => "Iterations of the shard loop.",
+        _ => "sluice counter.",
+    }
 }
 
 pub const COUNTERS: usize = Counter::ALL.len();
 
-/// A shard's own counters: plain integers, touched only by that shard.
-#[derive(Debug, Clone)]
+/// Upper bounds (seconds) of the ICE+DTLS connect-time histogram.
+pub const CONNECT_BUCKETS: [f64; 12] = [
+    0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+
+/// Quantiles published for the receive-to-send forwarding latency.
+pub const LATENCY_QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// How long a latency window lasts before its quantiles restart.
+pub const LATENCY_WINDOW: Duration = Duration::from_secs(10);
+
+/// Classify a media datagram by its first bytes (RFC 7983 demultiplexing; RFC 5761 for RTCP).
+pub fn classify(buf: &[u8], out: bool) -> Counter {
+    let kind = match buf.first() {
+        Some(0..=3) => 0,
+        Some(20..=63) => 1,
+        Some(128..=191) => {
+            if matches!(buf.get(1), Some(192..=223)) {
+                2
+            } else {
+                3
+            }
+        }
+        _ => 4,
+    };
+    match (out, kind) {
+        (false, 0) => Counter::PacketsInStun,
+        (false, 1) => Counter::PacketsInDtls,
+        (false, 2) => Counter::PacketsInRtcp,
+        (false, 3) => Counter::PacketsInRtp,
+        (false, _) => Counter::PacketsInOther,
+        (true, 0) => Counter::PacketsOutStun,
+        (true, 1) => Counter::PacketsOutDtls,
+        (true, 2) => Counter::PacketsOutRtcp,
+        (true, 3) => Counter::PacketsOutRtp,
+        (true, _) => Counter::PacketsOutOther,
+    }
+}
+
+/// A shard's own counters and histograms: plain values, touched only by that shard.
 pub struct ShardCounters {
     values: [u64; COUNTERS],
+    connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
+    connect_sum: Duration,
+    latency: Histogram<u64>,
+    latency_count: u64,
+    latency_sum_ns: u64,
 }
 
 impl Default for ShardCounters {
     fn default() -> Self {
         ShardCounters {
             values: [0; COUNTERS],
+            connect_buckets: [0; CONNECT_BUCKETS.len() + 1],
+            connect_sum: Duration::ZERO,
+            // 1 us .. 10 s at 3 significant digits: about 40 KiB, allocated once.
+            latency: Histogram::new_with_bounds(1_000, 10_000_000_000, 3).expect("static bounds"),
+            latency_count: 0,
+            latency_sum_ns: 0,
         }
     }
 }
@@ -74,10 +166,29 @@ impl ShardCounters {
     pub fn get(&self, c: Counter) -> u64 {
         self.values[c as usize]
     }
+
+    pub fn observe_connect(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = CONNECT_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        self.connect_buckets[i] += 1;
+        self.connect_sum += d;
+    }
+
+    /// One packet's receive-to-send time.
+    #[inline]
+    pub fn observe_latency(&mut self, d: Duration) {
+        let ns = (d.as_nanos() as u64).clamp(1_000, 10_000_000_000);
+        let _ = self.latency.record(ns);
+        self.latency_count += 1;
+        self.latency_sum_ns += ns;
+    }
 }
 
 /// The published snapshot of one shard, read by the control thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ShardStats {
     counters: [AtomicU64; COUNTERS],
     pub peers: AtomicU64,
@@ -85,16 +196,90 @@ pub struct ShardStats {
     pub busy_ns: AtomicU64,
     pub idle_ns: AtomicU64,
     pub pool_allocated: AtomicU64,
+    connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+    connect_sum_ns: AtomicU64,
+    latency_quantiles_ns: [AtomicU64; LATENCY_QUANTILES.len()],
+    latency_count: AtomicU64,
+    latency_sum_ns: AtomicU64,
+}
+
+impl Default for ShardStats {
+    fn default() -> Self {
+        ShardStats {
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            peers: AtomicU64::new(0),
+            tracks: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            idle_ns: AtomicU64::new(0),
+            pool_allocated: AtomicU64::new(0),
+            connect_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            connect_sum_ns: AtomicU64::new(0),
+            latency_quantiles_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_count: AtomicU64::new(0),
+            latency_sum_ns: AtomicU64::new(0),
+        }
+    }
 }
 
 impl ShardStats {
-    pub fn publish(&self, c: &ShardCounters) {
+    /// Copy the shard's counters out; with `rotate`, also publish the latency quantiles of the
+    /// window that just ended and start a new one.
+    pub fn publish(&self, c: &mut ShardCounters, rotate: bool) {
         for (slot, v) in self.counters.iter().zip(c.values.iter()) {
             slot.store(*v, Ordering::Relaxed);
         }
+        for (slot, v) in self.connect_buckets.iter().zip(c.connect_buckets.iter()) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+        self.connect_sum_ns
+            .store(c.connect_sum.as_nanos() as u64, Ordering::Relaxed);
+        self.latency_count.store(c.latency_count, Ordering::Relaxed);
+        self.latency_sum_ns
+            .store(c.latency_sum_ns, Ordering::Relaxed);
+        if rotate && !c.latency.is_empty() {
+            for (slot, q) in self.latency_quantiles_ns.iter().zip(LATENCY_QUANTILES) {
+                slot.store(c.latency.value_at_quantile(q), Ordering::Relaxed);
+            }
+            c.latency.reset();
+        }
     }
+
     pub fn get(&self, c: Counter) -> u64 {
         self.counters[c as usize].load(Ordering::Relaxed)
+    }
+
+    /// Sum over the families' label sets, e.g. every `dropped_packets_total` reason.
+    pub fn family_total(&self, family: &str) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.family() == family)
+            .map(|c| self.get(*c))
+            .sum()
+    }
+
+    /// Per-bucket (not cumulative) connect counts, the last one being `+Inf`, and the sum.
+    pub fn connect(&self) -> (Vec<u64>, Duration) {
+        (
+            self.connect_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            Duration::from_nanos(self.connect_sum_ns.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// (quantile, seconds) of the last full window, the count and the sum (seconds) since start.
+    pub fn latency(&self) -> (Vec<(f64, f64)>, u64, f64) {
+        let q = LATENCY_QUANTILES
+            .iter()
+            .zip(self.latency_quantiles_ns.iter())
+            .map(|(q, v)| (*q, v.load(Ordering::Relaxed) as f64 / 1e9))
+            .collect();
+        (
+            q,
+            self.latency_count.load(Ordering::Relaxed),
+            self.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )
     }
 }
 
@@ -108,17 +293,53 @@ mod tests {
         c.inc(Counter::RtpIn);
         c.add(Counter::BytesIn, 1200);
         let s = ShardStats::default();
-        s.publish(&c);
+        s.publish(&mut c, false);
         assert_eq!(s.get(Counter::RtpIn), 1);
         assert_eq!(s.get(Counter::BytesIn), 1200);
         assert_eq!(s.get(Counter::DropRingFull), 0);
     }
 
     #[test]
-    fn metric_names_are_unique() {
-        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.metric()).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), COUNTERS);
+    fn label_sets_are_unique_within_a_family() {
+        let mut keys: Vec<String> = Counter::ALL
+            .iter()
+            .map(|c| format!("{}{:?}", c.family(), c.labels()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), COUNTERS);
+    }
+
+    #[test]
+    fn classifies_by_first_bytes() {
+        assert_eq!(classify(&[0, 1], false), Counter::PacketsInStun);
+        assert_eq!(classify(&[22, 254], false), Counter::PacketsInDtls);
+        assert_eq!(classify(&[0x80, 96], false), Counter::PacketsInRtp);
+        assert_eq!(classify(&[0x80, 200], true), Counter::PacketsOutRtcp);
+        assert_eq!(classify(&[0x81, 205], true), Counter::PacketsOutRtcp);
+        assert_eq!(classify(&[0xff], false), Counter::PacketsInOther);
+        assert_eq!(classify(&[], true), Counter::PacketsOutOther);
+    }
+
+    #[test]
+    fn histograms_bucket_and_rotate() {
+        let mut c = ShardCounters::default();
+        c.observe_connect(Duration::from_millis(40));
+        c.observe_connect(Duration::from_secs(60));
+        for us in 1..=1000u64 {
+            c.observe_latency(Duration::from_micros(us));
+        }
+        let s = ShardStats::default();
+        s.publish(&mut c, true);
+        let (buckets, sum) = s.connect();
+        assert_eq!(buckets[1], 1, "40 ms is in the 50 ms bucket");
+        assert_eq!(*buckets.last().unwrap(), 1, "60 s is in +Inf");
+        assert!(sum > Duration::from_secs(60));
+        let (q, count, total) = s.latency();
+        assert_eq!(count, 1000);
+        assert!((q[0].1 - 500e-6).abs() < 5e-6, "p50 {:?}", q[0]);
+        assert!((q[2].1 - 990e-6).abs() < 10e-6, "p99 {:?}", q[2]);
+        assert!(total > 0.4 && total < 0.6);
+        assert!(c.latency.is_empty(), "window restarted");
     }
 }

@@ -22,7 +22,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::mesh::{Doorbell, MediaPacket, MeshEndpoints, MeshMsg, PacketPool, PacketView, TrackId};
-use crate::metrics::{Counter, ShardCounters, ShardStats};
+use crate::metrics::{self, Counter, ShardCounters, ShardStats, LATENCY_WINDOW};
 use crate::sfu::{is_keyframe, CodecKind, KeyframeThrottle};
 use crate::{SessionId, ShardId};
 use io::{DatagramIo, IoConfig, WakeFd};
@@ -308,6 +308,9 @@ struct ShardState {
     /// Keyframe needs raised this turn, routed at the end of it.
     keyframe_needs: Vec<TrackId>,
     scratch_subs: Vec<(usize, usize)>,
+    /// Arrival time of each packet forwarded this turn, for the latency histogram at flush.
+    forwarded_arrivals: Vec<Instant>,
+    next_latency_rotate: Instant,
     next_sweep: Instant,
     next_publish: Instant,
 }
@@ -336,6 +339,8 @@ impl Shard {
             pending_tx: Vec::with_capacity(1024),
             keyframe_needs: Vec::with_capacity(64),
             scratch_subs: Vec::with_capacity(64),
+            forwarded_arrivals: Vec::with_capacity(4096),
+            next_latency_rotate: now + Duration::from_secs(1),
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
         };
@@ -426,7 +431,7 @@ impl Shard {
 
     fn flush_io(&mut self) {
         for (sock, dest, bytes) in self.st.pending_tx.drain(..) {
-            self.st.counters.inc(Counter::DatagramsOut);
+            self.st.counters.inc(metrics::classify(&bytes, true));
             self.st.counters.add(Counter::BytesOut, bytes.len() as u64);
             self.io.queue_send(sock, dest, bytes);
         }
@@ -434,11 +439,23 @@ impl Shard {
             Ok(s) => self.st.counters.add(Counter::SendErrors, s.errors as u64),
             Err(e) => tracing::warn!(shard = self.id, error = %e, "send flush failed"),
         }
+        // Receive-to-send latency of every packet forwarded this turn.
+        let sent = Instant::now();
+        for arrival in self.st.forwarded_arrivals.drain(..) {
+            self.st
+                .counters
+                .observe_latency(sent.saturating_duration_since(arrival));
+        }
     }
 
-    fn publish(&self, busy: Duration, idle: Duration) {
+    fn publish(&mut self, busy: Duration, idle: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.stats.publish(&self.st.counters);
+        let now = Instant::now();
+        let rotate = now >= self.st.next_latency_rotate;
+        if rotate {
+            self.st.next_latency_rotate = now + LATENCY_WINDOW;
+        }
+        self.stats.publish(&mut self.st.counters, rotate);
         self.stats.peers.store(self.st.peers.len() as u64, Relaxed);
         self.stats
             .tracks
@@ -571,7 +588,7 @@ impl ShardState {
     }
 
     fn handle_datagram(&mut self, sock: usize, src: SocketAddr, data: &[u8], now: Instant) {
-        self.counters.inc(Counter::DatagramsIn);
+        self.counters.inc(metrics::classify(data, false));
         self.counters.add(Counter::BytesIn, data.len() as u64);
         let key = match self.by_source.get(&(sock, src)) {
             Some(&key) => key,
@@ -579,7 +596,7 @@ impl ShardState {
                 Some(&key) => {
                     let peer = &mut self.peers[key];
                     if peer.sources.len() >= MAX_SOURCES_PER_PEER {
-                        self.counters.inc(Counter::DropUnknownSource);
+                        self.counters.inc(Counter::DropRateLimited);
                         return;
                     }
                     peer.sources.push((sock, src));
@@ -608,7 +625,7 @@ impl ShardState {
         let peer = &mut self.peers[key];
         peer.last_recv = now;
         if let Err(e) = peer.rtc.handle_input(Input::Receive(now, receive)) {
-            self.counters.inc(Counter::DropRtcError);
+            self.counters.inc(Counter::DropDecrypt);
             tracing::debug!(shard = self.id, session = %peer.session, error = %e, "input rejected");
         }
         self.drain(key, now);
@@ -660,6 +677,8 @@ impl ShardState {
                 let peer = &mut self.peers[key];
                 peer.connected = true;
                 self.counters.inc(Counter::PeersConnected);
+                self.counters
+                    .observe_connect(now.saturating_duration_since(peer.created));
                 let session = peer.session;
                 if !peer.publisher {
                     for t in &peer.tracks {
@@ -678,10 +697,17 @@ impl ShardState {
                 self.close_peer(key, CloseReason::Disconnected);
             }
             Event::RtpPacket(pkt) => self.on_rtp(key, pkt, now),
+            Event::MediaEgressStats(stats) => {
+                let fresh = self.peers[key].nacks_since_last(stats.mid, stats.nacks);
+                self.counters.add(Counter::Nacks, fresh);
+            }
             Event::KeyframeRequest(req) => {
                 let peer = &self.peers[key];
                 if let Some(t) = peer.tracks.iter().find(|t| t.mid == req.mid) {
-                    self.counters.inc(Counter::KeyframeRequestsIn);
+                    self.counters.inc(match req.kind {
+                        KeyframeRequestKind::Fir => Counter::KeyframeInFir,
+                        _ => Counter::KeyframeInPli,
+                    });
                     self.keyframe_needs.push(t.track);
                 }
             }
@@ -752,6 +778,7 @@ impl ShardState {
         match peer.forward(ti, packet, now) {
             peer::Forwarded::Sent => {
                 self.counters.inc(Counter::RtpForwarded);
+                self.forwarded_arrivals.push(packet.arrival);
                 self.drain(key, now);
             }
             peer::Forwarded::NoCodec => self.counters.inc(Counter::DropNoCodec),
@@ -829,7 +856,7 @@ impl ShardState {
             sent = true;
         }
         if sent {
-            self.counters.inc(Counter::KeyframeRequestsSent);
+            self.counters.inc(Counter::KeyframeOutPli);
             self.drain(key, now);
         }
     }
@@ -902,7 +929,14 @@ impl ShardState {
         let Some(mut peer) = self.peers.try_remove(key) else {
             return;
         };
-        self.counters.inc(Counter::PeersRemoved);
+        self.counters.inc(match reason {
+            CloseReason::Deleted => Counter::RemovedDeleted,
+            CloseReason::ConnectTimeout => Counter::RemovedConnectTimeout,
+            CloseReason::IceTimeout => Counter::RemovedIceTimeout,
+            CloseReason::Disconnected => Counter::RemovedDisconnected,
+            CloseReason::Error => Counter::RemovedError,
+            CloseReason::Shutdown => Counter::RemovedShutdown,
+        });
         peer.rtc.disconnect();
         for src in &peer.sources {
             self.by_source.remove(src);

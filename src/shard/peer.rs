@@ -32,6 +32,8 @@ pub struct Peer {
     pub deadline: Option<Instant>,
     /// 5-tuples (socket, remote) this peer is reached on.
     pub sources: Vec<(usize, SocketAddr)>,
+    /// Cumulative NACK counts str0m last reported, per mid.
+    nacks: Vec<(Mid, u64)>,
 }
 
 pub struct PeerTrack {
@@ -90,6 +92,22 @@ impl Peer {
             last_recv: now,
             deadline: None,
             sources: Vec::with_capacity(2),
+            nacks: Vec::new(),
+        }
+    }
+
+    /// NACKs received on `mid` since the last stats event (str0m reports running totals).
+    pub fn nacks_since_last(&mut self, mid: Mid, total: u64) -> u64 {
+        match self.nacks.iter_mut().find(|(m, _)| *m == mid) {
+            Some((_, last)) => {
+                let fresh = total.saturating_sub(*last);
+                *last = total;
+                fresh
+            }
+            None => {
+                self.nacks.push((mid, total));
+                total
+            }
         }
     }
 

@@ -21,6 +21,24 @@
 // The offers POSTed carry only Chromium's 127.x UDP host candidates (the rest are dropped from the
 // SDP text): the machine's other interfaces are never a target of these tests.
 //
+// --flood (the chromium-flood test): once both players decode, a flood of garbage datagrams goes to
+// every sluice media port on 127.0.0.1 while they play -- --flood-count per port (default 20000)
+// within --flood-ms (default 2000), from --flood-sockets (default 4) fresh UDP sockets, mixing
+// random bytes of random sizes 1-1400, truncated STUN headers (00 01 00 08 21 12 a4 42 + 0-11
+// bytes), RTP-shaped junk (first byte 0x80), DTLS-shaped junk (first byte 22) and real-looking
+// SRTP/SRTCP (valid RTP/RTCP headers with a steady SSRC and sequence, random payload and tag).
+// Then, in the --after-ms (default 5000) after the last datagram went out, each player's video
+// framesDecoded must grow by >= --min-frames (default 30); no page (publisher included) may have
+// reported connectionState 'failed' or 'disconnected' at any time (every connectionstatechange is
+// recorded in the page); and sluice's GET /metrics sluice_drop_unknown_source_total +
+// sluice_drop_malformed_total, summed over shards, must have grown by >= half the datagrams sent
+// (loopback may drop some: the kernel's Udp RcvbufErrors delta is printed too).
+// The media ports are --media-ports / $SLUICE_MEDIA_PORTS ('41000,41001') when given (preferred:
+// the caller knows every shard's port); otherwise the ports of the 127.0.0.1 host candidates in the
+// answers of this test's sessions (only the shards these 3 sessions landed on). With explicit ports,
+// every port announced in those answers must be among them, or the flood would miss the sessions.
+// Datagrams only ever go to 127.0.0.1.
+//
 // Exit 0 on success; 1 with one line 'FAIL: <reason>' on stdout otherwise. The stats seen are
 // printed either way. Only loopback addresses are used.
 
@@ -30,6 +48,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import dgram from 'node:dgram';
+import crypto from 'node:crypto';
 
 const T0 = Date.now();
 const log = (msg) => console.log(`[${((Date.now() - T0) / 1000).toFixed(2).padStart(6)}s] ${msg}`);
@@ -46,18 +66,46 @@ const { values: opt } = parseArgs({
     token: { type: 'string', default: '' },
     chromium: { type: 'string', default: process.env.CHROMIUM || '/usr/bin/chromium' },
     verbose: { type: 'boolean', default: false },
+    flood: { type: 'boolean', default: false },
+    'media-ports': { type: 'string', default: process.env.SLUICE_MEDIA_PORTS || '' },
+    'flood-count': { type: 'string', default: '20000' },
+    'flood-ms': { type: 'string', default: '2000' },
+    'flood-sockets': { type: 'string', default: '4' },
+    'after-ms': { type: 'string', default: '5000' },
+    'min-frames': { type: 'string', default: '30' },
     help: { type: 'boolean', default: false },
   },
 });
 if (opt.help || !opt.url || !opt.stream) {
   console.log('usage: chromium_whip_whep.mjs --url http://127.0.0.1:PORT --stream NAME [--codec vp8|h264]\n' +
-    '         [--players 2] [--timeout 20] [--token JWT] [--chromium /usr/bin/chromium] [--verbose]');
+    '         [--players 2] [--timeout 20] [--token JWT] [--chromium /usr/bin/chromium] [--verbose]\n' +
+    '         [--flood [--media-ports P1,P2,..] [--flood-count 20000] [--flood-ms 2000] [--flood-sockets 4]\n' +
+    '                  [--after-ms 5000] [--min-frames 30]]');
   process.exit(opt.help ? 0 : 1);
 }
 const BASE = opt.url.replace(/\/+$/, '');
 const CODEC = opt.codec.toLowerCase();
 const PLAYERS = Number(opt.players);
 const TIMEOUT_MS = Number(opt.timeout) * 1000;
+const FLOOD = {
+  count: Number(opt['flood-count']), ms: Number(opt['flood-ms']), sockets: Number(opt['flood-sockets']),
+  afterMs: Number(opt['after-ms']), minFrames: Number(opt['min-frames']),
+  ports: opt['media-ports'].trim() ? opt['media-ports'].split(',').map((p) => p.trim()) : null,
+};
+if (opt.flood) {
+  const bad = Object.entries(FLOOD).filter(([k, v]) => k !== 'ports' && !(Number.isInteger(v) && v > 0));
+  if (bad.length) {
+    console.log(`FAIL: flood options must be positive integers: ${bad.map(([k, v]) => `${k}=${v}`).join(', ')}`);
+    process.exit(1);
+  }
+  if (FLOOD.ports) {
+    if (!FLOOD.ports.every((p) => /^\d+$/.test(p) && Number(p) >= 1 && Number(p) <= 65535)) {
+      console.log(`FAIL: --media-ports / SLUICE_MEDIA_PORTS must be a comma-separated list of UDP ports, got '${opt['media-ports']}'`);
+      process.exit(1);
+    }
+    FLOOD.ports = [...new Set(FLOOD.ports.map(Number))];
+  }
+}
 if (!['vp8', 'h264'].includes(CODEC)) {
   console.log(`FAIL: --codec must be vp8 or h264, got ${opt.codec}`);
   process.exit(1);
@@ -94,6 +142,14 @@ const CHROMIUM_FLAGS = [
 const CLIENT_JS = String.raw`
 const ORIGIN_NOTE = 'fetch failed: connection refused, or the CORS preflight was not answered ' +
   'with Access-Control-Allow-Origin for ' + location.origin;
+
+// Every connectionState the page's peer connection went through, with the time (ms since load),
+// so a short 'disconnected' between two polls is not missed.
+function watchStates(pc) {
+  window.__states = [{ state: pc.connectionState, at: Math.round(performance.now()) }];
+  pc.addEventListener('connectionstatechange', () =>
+    window.__states.push({ state: pc.connectionState, at: Math.round(performance.now()) }));
+}
 
 function authHeaders(token) { return token ? { Authorization: 'Bearer ' + token } : {}; }
 
@@ -169,6 +225,7 @@ window.whipPublish = async (cfg) => {
   } catch (e) { throw new Error('getUserMedia failed: ' + e); }
   const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
   window.__pc = pc;
+  watchStates(pc);
   const vt = pc.addTransceiver(ms.getVideoTracks()[0], { direction: 'sendonly' });
   const at = pc.addTransceiver(ms.getAudioTracks()[0], { direction: 'sendonly' });
   // Force the codec. The spec checks the list against the receiver's capabilities, older Chromium
@@ -187,6 +244,7 @@ window.whipPublish = async (cfg) => {
 window.whepPlay = async (cfg) => {
   const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
   window.__pc = pc;
+  watchStates(pc);
   pc.addTransceiver('video', { direction: 'recvonly' });
   pc.addTransceiver('audio', { direction: 'recvonly' });
   pc.ontrack = (e) => {
@@ -236,6 +294,7 @@ window.statsSummary = async () => {
   const au = document.getElementById('remote-audio');
   if (au) out.audioElement = { paused: au.paused };
   if (window.__playErrors) out.playErrors = window.__playErrors;
+  out.states = (window.__states || []).map(s => s.state).join('>');
   return out;
 };
 
@@ -291,6 +350,250 @@ async function evalOr(page, name, fn, arg) {
   }
 }
 
+// --------------------------------------------------------------------------- the flood (--flood)
+
+const FLOOD_TARGET = '127.0.0.1'; // the only address the flood ever goes to
+
+// The 127.0.0.1 host candidate ports in an SDP answer.
+function answerPorts(sdp) {
+  const out = new Set();
+  for (const m of (sdp || '').matchAll(/^a=candidate:\S+ \d+ udp \d+ 127\.0\.0\.1 (\d+) typ host/gim)) out.add(Number(m[1]));
+  return out;
+}
+
+// sluice's GET /metrics, summed over shards, as { unknown_source, malformed, datagrams_in,
+// rtc_rejected, peers_removed }. Reads both namings: one family per counter
+// (sluice_drop_unknown_source_total{shard="0"}, sluice_drop_malformed_total, ...) and labelled
+// families (sluice_dropped_packets_total{reason="unknown_source",shard="0"}, ...).
+async function readMetrics() {
+  let resp;
+  try {
+    resp = await fetch(BASE + '/metrics', { headers: opt.token ? { Authorization: 'Bearer ' + opt.token } : {} });
+  } catch (e) {
+    throw new Fail(`GET ${BASE}/metrics: ${errText(e)}`);
+  }
+  const text = await resp.text();
+  if (resp.status !== 200) throw new Fail(`GET ${BASE}/metrics answered ${resp.status}: ${text.slice(0, 200)}`);
+  const samples = [];
+  for (const m of text.matchAll(/^sluice_([a-zA-Z0-9_:]+)(?:\{([^}]*)\})? (\S+)(?: \d+)?$/gm)) {
+    const labels = Object.fromEntries([...(m[2] || '').matchAll(/(\w+)="([^"]*)"/g)].map((l) => [l[1], l[2]]));
+    samples.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  const sum = (name, want = {}) => {
+    const hit = samples.filter((x) => x.name === name && Object.entries(want).every(([k, v]) => x.labels[k] === v));
+    return hit.length ? hit.reduce((a, x) => a + x.value, 0) : null;
+  };
+  const either = (...vals) => vals.find((v) => v !== null) ?? null;
+  const out = {
+    unknown_source: either(sum('drop_unknown_source_total'), sum('dropped_packets_total', { reason: 'unknown_source' })),
+    malformed: either(sum('drop_malformed_total'), sum('dropped_packets_total', { reason: 'malformed' })),
+    datagrams_in: either(sum('media_datagrams_received_total'), sum('media_packets_total', { direction: 'in' })),
+    rtc_rejected: either(sum('drop_rtc_rejected_total'), sum('dropped_packets_total', { reason: 'decrypt' })),
+    peers_removed: sum('peers_removed_total'),
+  };
+  for (const k of ['unknown_source', 'malformed']) {
+    if (out[k] === null)
+      throw new Fail(`GET ${BASE}/metrics has neither sluice_drop_${k}_total nor sluice_dropped_packets_total{reason="${k}"}`);
+  }
+  return out;
+}
+
+// The kernel's UDP counters (this host, every socket): only to explain a shortfall.
+function kernelUdp() {
+  try {
+    const lines = fs.readFileSync('/proc/net/snmp', 'utf8').split('\n').filter((l) => l.startsWith('Udp:'));
+    const [names, values] = lines.map((l) => l.split(/\s+/).slice(1));
+    return Object.fromEntries(names.map((n, i) => [n, Number(values[i])]));
+  } catch {
+    return {};
+  }
+}
+
+// One garbage datagram; `n` picks the kind, `rtp` carries the fake SRTP stream's state.
+function junk(n, pool, rtp) {
+  const rnd = (lo, hi) => lo + crypto.randomInt(hi - lo + 1);
+  const rest = (len) => { const o = crypto.randomInt(pool.length - len + 1); return pool.subarray(o, o + len); };
+  switch (n % 5) {
+    case 0: // random bytes, random size 1..1400
+      return { kind: 'random', buf: Buffer.from(rest(rnd(1, 1400))) };
+    case 1: // a STUN binding request header, cut short (0..11 more bytes: never a full 20-byte header)
+      return { kind: 'stun-truncated', buf: Buffer.concat([Buffer.from([0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42]), rest(rnd(0, 11))]) };
+    case 2: { // RTP-shaped: first byte 0x80, random rest
+      const b = Buffer.from(rest(rnd(1, 1400)));
+      b[0] = 0x80;
+      return { kind: 'rtp-shaped', buf: b };
+    }
+    case 3: { // DTLS-shaped: first byte 22 (handshake), random rest
+      const b = Buffer.from(rest(rnd(1, 1400)));
+      b[0] = 22;
+      return { kind: 'dtls-shaped', buf: b };
+    }
+    default: { // real-looking SRTP (steady SSRC, running seq/timestamp, 10-byte tag) or SRTCP (SR)
+      if (n % 10 === 4) {
+        const b = Buffer.from(rest(rnd(40, 1200)));
+        rtp.seq = (rtp.seq + 1) & 0xffff;
+        if (rtp.seq % 3 === 0) rtp.ts = (rtp.ts + 3000) >>> 0;
+        b[0] = 0x90; // V=2, X=1 (a header extension, as browsers send)
+        b[1] = 96 | (rtp.seq % 3 === 2 ? 0x80 : 0);
+        b.writeUInt16BE(rtp.seq, 2);
+        b.writeUInt32BE(rtp.ts, 4);
+        b.writeUInt32BE(rtp.ssrc, 8);
+        b.writeUInt16BE(0xbede, 12);
+        b.writeUInt16BE(1, 14);
+        return { kind: 'srtp-like', buf: b };
+      }
+      const b = Buffer.from(rest(rnd(28, 120)));
+      b[0] = 0x80; // V=2, RC=0
+      b[1] = 200; // SR
+      b.writeUInt16BE(6, 2);
+      b.writeUInt32BE(rtp.ssrc, 4);
+      return { kind: 'srtcp-like', buf: b };
+    }
+  }
+}
+
+// Sends FLOOD.count datagrams to every port (interleaved, paced evenly over FLOOD.ms) from
+// FLOOD.sockets fresh sockets; resolves once the kernel took (or refused) every one of them.
+async function sendFlood(ports) {
+  const socks = [];
+  for (let i = 0; i < FLOOD.sockets; i++) {
+    const s = dgram.createSocket({ type: 'udp4', sendBufferSize: 4 << 20 });
+    await new Promise((resolve, reject) => { s.once('error', reject); s.bind(0, FLOOD_TARGET, resolve); });
+    s.on('error', (e) => log(`flood socket error: ${errText(e)}`));
+    socks.push(s);
+  }
+  const pool = crypto.randomBytes(1 << 20);
+  const rtp = { seq: crypto.randomInt(65536), ts: crypto.randomInt(2 ** 32), ssrc: crypto.randomInt(2 ** 32) };
+  const total = FLOOD.count * ports.length;
+  const byKind = {};
+  const errors = {};
+  let queued = 0, sent = 0, failed = 0, bytes = 0;
+  const t0 = Date.now();
+  let allDone;
+  const done = new Promise((r) => { allDone = r; });
+  const onSent = (err) => {
+    if (err) { failed++; errors[err.code || err.message] = (errors[err.code || err.message] || 0) + 1; } else sent++;
+    if (sent + failed === total) allDone();
+  };
+  while (queued < total) {
+    const due = Math.min(total, Math.ceil(((Date.now() - t0 + 10) / FLOOD.ms) * total));
+    for (; queued < due; queued++) {
+      const port = ports[queued % ports.length];
+      const { kind, buf } = junk(Math.floor(queued / ports.length), pool, rtp);
+      byKind[kind] = (byKind[kind] || 0) + 1;
+      bytes += buf.length;
+      socks[queued % socks.length].send(buf, port, FLOOD_TARGET, onSent);
+    }
+    await sleep(10);
+  }
+  const queuedMs = Date.now() - t0;
+  await Promise.race([done, sleep(10000)]);
+  const ms = Date.now() - t0;
+  for (const s of socks) s.close();
+  return { total, sent, failed, errors, bytes, byKind, queuedMs, ms, sources: socks.length };
+}
+
+// While the players decode: flood every media port, then check that they still decode, that no
+// page's connection failed or disconnected, and that sluice counted the garbage as drops.
+async function floodPhase(pub, players, lastStats) {
+  const named = [['publisher', pub], ...players.map((p, i) => [`player${i + 1}`, p])];
+
+  // -- which ports
+  const announced = new Set();
+  for (const [name, page] of named) {
+    const sdp = await evalOr(page, name, () => window.__answer);
+    for (const p of answerPorts(sdp)) announced.add(p);
+  }
+  let ports;
+  if (FLOOD.ports) {
+    ports = FLOOD.ports;
+    const missed = [...announced].filter((p) => !ports.includes(p));
+    if (missed.length)
+      throw new Fail(`the answers announce media port(s) ${missed.join(',')} on 127.0.0.1, not in --media-ports/SLUICE_MEDIA_PORTS ` +
+        `${ports.join(',')}: the flood would miss these sessions`);
+    log(`flood: media ports ${ports.join(',')} (from --media-ports/SLUICE_MEDIA_PORTS; the answers announce ${[...announced].join(',')})`);
+  } else {
+    ports = [...announced].sort((a, b) => a - b);
+    if (!ports.length) throw new Fail('no 127.0.0.1 host candidate in any answer, and no --media-ports/SLUICE_MEDIA_PORTS: no port to flood');
+    log(`flood: media ports ${ports.join(',')} (from the answers' 127.0.0.1 host candidates: only the shards ` +
+      `these sessions are on; set SLUICE_MEDIA_PORTS to flood every shard)`);
+  }
+
+  // -- before
+  const stat = async (name, page) => (lastStats[name] = await evalOr(page, name, () => window.statsSummary()));
+  const frames = async () => {
+    const out = {};
+    for (const [name, page] of named.slice(1)) out[name] = (await stat(name, page)).in_video?.framesDecoded ?? 0;
+    return out;
+  };
+  const m0 = await readMetrics();
+  const k0 = kernelUdp();
+  const f0 = await frames();
+  log(`flood: before: framesDecoded ${JSON.stringify(f0)}; sluice drops unknown_source ${m0.unknown_source}, ` +
+    `malformed ${m0.malformed}; datagrams received ${m0.datagrams_in}`);
+
+  // -- the flood
+  const r = await sendFlood(ports);
+  const f1 = await frames();
+  const tFloodEnd = Date.now();
+  log(`flood: ${r.sent} datagrams (${(r.bytes / 1e6).toFixed(1)} MB) sent to ${FLOOD_TARGET}:${ports.join(',')} ` +
+    `(${FLOOD.count} per port) from ${r.sources} sockets, queued in ${r.queuedMs} ms, all out in ${r.ms} ms; ` +
+    `${r.failed} refused by the kernel ${JSON.stringify(r.errors)}; kinds ${JSON.stringify(r.byKind)}`);
+  log(`flood: framesDecoded during the flood: ${Object.keys(f1).map((n) => `${n} +${f1[n] - f0[n]}`).join(', ')}`);
+  if (r.sent === 0) throw new Fail(`flood: no datagram could be sent (${JSON.stringify(r.errors)})`);
+
+  // -- the after-window: poll about once a second, for the log
+  let f2;
+  for (;;) {
+    const left = tFloodEnd + FLOOD.afterMs - Date.now();
+    if (left <= 0) break;
+    await sleep(Math.min(1000, left));
+    const f = await frames();
+    if (Date.now() - tFloodEnd >= FLOOD.afterMs) { f2 = f; break; }
+    log(`flood: +${((Date.now() - tFloodEnd) / 1000).toFixed(1)} s: ` +
+      Object.keys(f).map((n) => `${n} +${f[n] - f1[n]}`).join(', '));
+  }
+  f2 ??= await frames();
+  const afterS = ((Date.now() - tFloodEnd) / 1000).toFixed(1);
+  for (const [name, page] of named.slice(0, 1)) await stat(name, page);
+  // the counters are published by the shards a few times a second: this read is well past that
+  const m1 = await readMetrics();
+  const k1 = kernelUdp();
+
+  const d = (k) => (m1[k] ?? 0) - (m0[k] ?? 0);
+  const drops = d('unknown_source') + d('malformed');
+  const grown = Object.fromEntries(Object.keys(f2).map((n) => [n, f2[n] - f1[n]]));
+  log(`flood: after ${afterS} s: framesDecoded ${JSON.stringify(f2)}, grown since the flood ended ` +
+    `${Object.entries(grown).map(([n, g]) => `${n} +${g}`).join(', ')}`);
+  log(`flood: sluice counted drops +${drops} of ${r.sent} sent (${(100 * drops / r.sent).toFixed(1)} %): ` +
+    `unknown_source +${d('unknown_source')}, malformed +${d('malformed')}; ` +
+    `datagrams received +${d('datagrams_in')}, rejected by a peer's stack +${d('rtc_rejected')}, ` +
+    `peers removed +${d('peers_removed')}; kernel Udp RcvbufErrors +${(k1.RcvbufErrors ?? NaN) - (k0.RcvbufErrors ?? NaN)}, ` +
+    `InErrors +${(k1.InErrors ?? NaN) - (k0.InErrors ?? NaN)} (whole host)`);
+  console.log(`FLOOD-SUMMARY sent=${r.sent} ports=${ports.join(',')} drops=${drops} ` +
+    `unknown_source=${d('unknown_source')} malformed=${d('malformed')} ` +
+    Object.entries(grown).map(([n, g]) => `${n}_frames_after=${g}`).join(' '));
+
+  // -- verdict
+  const problems = [];
+  for (const [name] of named) {
+    const states = (lastStats[name]?.states || '').split('>');
+    const bad = states.filter((s) => s === 'failed' || s === 'disconnected' || s === 'closed');
+    if (bad.length) problems.push(`${name}: connectionState went ${lastStats[name].states}`);
+  }
+  for (const [n, g] of Object.entries(grown)) {
+    if (g < FLOOD.minFrames)
+      problems.push(`${n}: framesDecoded grew by ${g} in the ${afterS} s after the flood, expected >= ${FLOOD.minFrames}`);
+  }
+  if (drops * 2 < r.sent)
+    problems.push(`sluice's drop_unknown_source + drop_malformed grew by ${drops}, less than half the ${r.sent} datagrams sent ` +
+      `(datagrams received +${d('datagrams_in')}, kernel RcvbufErrors +${(k1.RcvbufErrors ?? NaN) - (k0.RcvbufErrors ?? NaN)})`);
+  if (problems.length) throw new Fail(`after a flood of ${r.sent} datagrams: ${problems.join('; ')}`);
+  log(`flood: OK: every player decoded >= ${FLOOD.minFrames} frames in the ${afterS} s after the flood, no connection ` +
+    `failed or disconnected, sluice counted ${drops} of ${r.sent} datagrams as dropped`);
+  return { sent: r.sent, drops, grown };
+}
+
 // --------------------------------------------------------------------------- the test
 
 async function main() {
@@ -303,6 +606,7 @@ async function main() {
   const pages = []; // { name, page }
   const lastStats = {};
   let failure = null;
+  let floodResult = null;
   try {
     try {
       context = await chromium.launchPersistentContext(userDataDir, {
@@ -389,6 +693,7 @@ async function main() {
       const got = (s.in_video.codec || '').toLowerCase();
       if (got !== 'video/' + CODEC) throw new Fail(`${n}: decoded ${s.in_video.codec}, published video/${CODEC}`);
     }
+    if (opt.flood) floodResult = await floodPhase(pub, players, lastStats);
   } catch (e) {
     failure = e instanceof Fail ? e.message : `unexpected error: ${e && e.stack ? e.stack : e}`;
   }
@@ -416,14 +721,17 @@ async function main() {
     console.log(`FAIL: ${failure}`);
     return 1;
   }
-  console.log(`OK: ${PLAYERS} Chromium players decoded ${CODEC} video and Opus audio via WHIP/WHEP`);
+  console.log(`OK: ${PLAYERS} Chromium players decoded ${CODEC} video and Opus audio via WHIP/WHEP` +
+    (floodResult ? `, and kept decoding through a flood of ${floodResult.sent} garbage datagrams ` +
+      `(frames in the ${FLOOD.afterMs / 1000} s after: ${Object.values(floodResult.grown).join(', ')}; ` +
+      `sluice counted ${floodResult.drops} drops)` : ''));
   return 0;
 }
 
 const hardStop = setTimeout(() => {
   console.log('FAIL: the whole test took too long (hung?)');
   process.exit(1);
-}, TIMEOUT_MS + 90000);
+}, TIMEOUT_MS + 90000 + (opt.flood ? FLOOD.ms + FLOOD.afterMs + 30000 : 0));
 hardStop.unref();
 main().then((code) => process.exit(code), (e) => {
   console.log(`FAIL: unexpected error: ${e && e.stack ? e.stack : e}`);

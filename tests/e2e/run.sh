@@ -13,6 +13,11 @@
 #   chromium-vp8    headless Chromium publishes fake camera+mic (VP8 forced) via WHIP, 2 Chromium
 #                   pages play via WHEP: framesDecoded > 0 and totalSamplesReceived > 0 in 20 s
 #   chromium-h264   the same with H.264
+#   chromium-flood  chromium-vp8's setup; once both players decode, 20,000 garbage datagrams per media
+#                   port (random, truncated STUN, RTP-/DTLS-shaped, fake SRTP/SRTCP) within 2 s to
+#                   127.0.0.1; then each player's framesDecoded grows >= 30 in the next 5 s, no page
+#                   ever reports connectionState failed/disconnected, and /metrics
+#                   drop_unknown_source + drop_malformed (all shards) grew >= half the datagrams sent
 #
 # Prints one line per test, 'PASS name' or 'FAIL name: reason', then exactly one line
 # 'N passed, M failed'; exits 1 if any failed (2 on a usage error). Each test's full output is kept
@@ -20,12 +25,15 @@
 # E2E_VERBOSE=1 streams every test's output to stderr as it runs.
 #
 # Environment: SLUICE_URL (required, loopback only), SLUICE_TOKEN, E2E_LOG_DIR, E2E_VERBOSE,
-# E2E_TEST_TIMEOUT (seconds per test, default 120), CHROMIUM (default /usr/bin/chromium).
+# E2E_TEST_TIMEOUT (seconds per test, default 120), CHROMIUM (default /usr/bin/chromium),
+# SLUICE_MEDIA_PORTS (chromium-flood: every media port of sluice, e.g. 41000,41001; without it the
+# flood goes to the ports in the test's SDP answers, i.e. only the shards its sessions landed on),
+# E2E_FLOOD_COUNT (chromium-flood: datagrams per port, default 20000).
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$HERE/.venv/bin/python"
-ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264)
+ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood)
 
 if [ -z "${SLUICE_URL:-}" ]; then
     echo "usage: SLUICE_URL=http://127.0.0.1:PORT $0 [test ...]   (tests: ${ALL_TESTS[*]})" >&2
@@ -36,6 +44,18 @@ case "$URL" in
     http://127.*|https://127.*|http://localhost[:/]*|https://localhost[:/]*|http://localhost|https://localhost|http://\[::1\]*|https://\[::1\]*) ;;
     *) echo "SLUICE_URL must point at a loopback address (127.0.0.0/8, localhost, [::1]): $URL" >&2; exit 2 ;;
 esac
+
+MEDIA_PORTS="${SLUICE_MEDIA_PORTS:-}"
+MEDIA_PORTS="${MEDIA_PORTS// /}"
+if [ -n "$MEDIA_PORTS" ] && ! [[ "$MEDIA_PORTS" =~ ^[0-9]{1,5}(,[0-9]{1,5})*$ ]]; then
+    echo "SLUICE_MEDIA_PORTS must be a comma-separated list of UDP ports (e.g. 41000,41001): $SLUICE_MEDIA_PORTS" >&2
+    exit 2
+fi
+FLOOD_COUNT="${E2E_FLOOD_COUNT:-20000}"
+if ! [[ "$FLOOD_COUNT" =~ ^[1-9][0-9]*$ ]]; then
+    echo "E2E_FLOOD_COUNT must be a positive integer: $FLOOD_COUNT" >&2
+    exit 2
+fi
 
 if [ "$#" -gt 0 ]; then
     TESTS=("$@")
@@ -75,6 +95,10 @@ command_for() {
         aiortc-vp8) CMD=("$PY" "$HERE/aiortc_whip_whep.py" --url "$URL" --stream "$stream") ;;
         chromium-vp8) CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec vp8 --stream "$stream") ;;
         chromium-h264) CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec h264 --stream "$stream") ;;
+        chromium-flood)
+            # --media-ports '' makes the script ignore any SLUICE_MEDIA_PORTS and use the SDP answers
+            CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec vp8 --stream "$stream"
+                 --flood --flood-count "$FLOOD_COUNT" --media-ports "$MEDIA_PORTS") ;;
     esac
     CMD+=("${TOKEN_ARGS[@]}")
 }
