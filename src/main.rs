@@ -135,12 +135,18 @@ fn print_errors(errors: &[ConfigError]) {
     }
 }
 
-/// `RUST_LOG` when set (and valid), else `log.level` (validated by `Config::load`).
-fn init_logging(config: &Config) {
+/// Changes the log filter of the running process (SIGHUP reload of `log.level`).
+type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+
+/// `RUST_LOG` when set (and valid), else `log.level` (validated by `Config::load`). Returns the
+/// handle that changes `log.level` later; while `RUST_LOG` is set it wins and reloads say so.
+fn init_logging(config: &Config) -> LogReload {
+    use tracing_subscriber::prelude::*;
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
     let mut rust_log_error = None;
+    let pinned_by_env = from_env.is_some();
     let filter = match from_env {
         Some(directives) => EnvFilter::builder().parse(&directives).unwrap_or_else(|e| {
             rust_log_error = Some(format!("ignoring RUST_LOG={directives:?}: {e}"));
@@ -148,14 +154,27 @@ fn init_logging(config: &Config) {
         }),
         None => EnvFilter::new(&config.log.level),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
     if let Some(message) = rust_log_error {
         tracing::warn!("{message}");
     }
+    Box::new(move |level: &str| {
+        if pinned_by_env {
+            return Err("RUST_LOG is set and takes precedence".into());
+        }
+        let filter = EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 fn main() -> ExitCode {
@@ -183,14 +202,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(&config);
+            let set_log_level = init_logging(&config);
             tracing::info!(
                 version = %version(),
                 config = args.config.as_ref().map_or("(defaults)".into(), |p| p.display().to_string()),
                 shards = config.effective_shards(),
                 "starting"
             );
-            match sluice::serve::run(config) {
+            let source = args.clone();
+            let hooks = sluice::serve::Hooks {
+                reload_config: Box::new(move || source.load()),
+                set_log_level,
+            };
+            match sluice::serve::run(config, hooks) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("fatal: {e}");

@@ -73,10 +73,10 @@ fn media_ips(config: &Config) -> Vec<IpAddr> {
 
 /// Start shards and the control thread.
 pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
-    start_with(config, false)
+    start_with(config, None)
 }
 
-fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::error::Error>> {
+fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn std::error::Error>> {
     let shards = config.effective_shards();
     if shards == 0 || shards > 64 {
         return Err(format!("media.shards must be 1..=64, got {shards}").into());
@@ -92,7 +92,7 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
         .map(|w| Arc::new(Doorbell::new(w.clone())))
         .collect();
     let mesh = Arc::new(Mesh::new(doorbells.clone(), config.media.ring_capacity));
-    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(16 * 1024);
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(16 * 1024);
 
     let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
     let mut handles: Vec<ShardHandle> = Vec::with_capacity(shards);
@@ -148,6 +148,8 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
     let http_addr = listener.local_addr()?;
 
     let control = Arc::new(Control {
+        live: Mutex::new(crate::control::Live::new(config.clone())),
+        draining: std::sync::atomic::AtomicBool::new(false),
         config,
         registry: Mutex::new(Default::default()),
         shards: handles,
@@ -158,7 +160,6 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let ctl = control.clone();
-    let shards_ctl = control.clone();
     let thread = std::thread::Builder::new()
         .name("sluice-control".into())
         .spawn(move || {
@@ -166,33 +167,7 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("register listener");
-                let events_ctl = ctl.clone();
-                tokio::spawn(async move {
-                    while let Some(ev) = events_rx.recv().await {
-                        events_ctl.handle_event(ev);
-                    }
-                });
-                let app = crate::control::router(ctl.clone());
-                let stop = async move {
-                    tokio::select! {
-                        _ = shutdown_rx => {}
-                        _ = signal(signals) => {}
-                    }
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "http server failed");
-                }
-            });
-            for s in &shards_ctl.shards {
-                let _ = s.send(ShardCommand::Shutdown);
-            }
-            tracing::info!("sluice stopped");
+            rt.block_on(control_thread(ctl, listener, events_rx, shutdown_rx, hooks));
         })?;
     tracing::info!(%http_addr, "signaling listening");
     Ok(Server {
@@ -203,26 +178,183 @@ fn start_with(config: Config, signals: bool) -> Result<Server, Box<dyn std::erro
     })
 }
 
-async fn signal(enabled: bool) {
+/// What only the binary can provide: re-reading the configuration's sources and changing the log
+/// filter. With hooks, the control thread also handles SIGTERM/SIGINT (drain) and SIGHUP (reload).
+pub struct Hooks {
+    pub reload_config: Box<dyn Fn() -> Result<Config, Vec<crate::config::ConfigError>> + Send>,
+    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send>,
+}
+
+async fn control_thread(
+    ctl: SharedControl,
+    listener: TcpListener,
+    mut events_rx: tokio::sync::mpsc::Receiver<crate::shard::ShardEvent>,
+    shutdown_rx: tokio::sync::oneshot::Receiver<()>,
+    hooks: Option<Hooks>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    if !enabled {
-        return std::future::pending().await;
-    }
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
+    let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
+    let events_ctl = ctl.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events_rx.recv().await {
+            events_ctl.handle_event(ev);
+        }
+    });
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = crate::control::router(ctl.clone());
+    let http = tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_stopped.await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    sd_notify("READY=1");
+
+    let drain = match hooks {
+        None => {
+            let _ = shutdown_rx.await;
+            false
+        }
+        Some(hooks) => {
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            let mut shutdown_rx = shutdown_rx;
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown_rx => break false,
+                    _ = term.recv() => { tracing::info!("SIGTERM: draining"); break true }
+                    _ = int.recv() => { tracing::info!("SIGINT: draining"); break true }
+                    _ = hup.recv() => reload(&ctl, &hooks),
+                }
+            }
+        }
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    if drain {
+        drain_sessions(&ctl).await;
+    }
+    let _ = stop_http.send(());
+    let _ = http.await;
+    for s in &ctl.shards {
+        let _ = s.send(ShardCommand::Shutdown);
+    }
+    tracing::info!("sluice stopped");
+}
+
+/// Refuse new sessions, keep the running ones until they end or the drain timeout passes.
+async fn drain_sessions(ctl: &SharedControl) {
+    use std::sync::atomic::Ordering;
+    ctl.draining.store(true, Ordering::SeqCst);
+    ctl.metrics.draining.set(1);
+    sd_notify("STOPPING=1");
+    let timeout = Duration::from_millis(ctl.live.lock().expect("live").drain_timeout_ms);
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = ctl.registry.lock().expect("registry").sessions();
+        if left == 0 {
+            tracing::info!("drained: no sessions left");
+            break;
+        }
+        if tokio::time::Instant::now() >= until {
+            tracing::info!(
+                sessions = left,
+                ?timeout,
+                "drain timeout: closing remaining sessions"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGHUP: re-read the configuration and apply what can change live; say what changed.
+fn reload(ctl: &SharedControl, hooks: &Hooks) {
+    let new = match (hooks.reload_config)() {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                tracing::error!("reload refused: {e}");
+            }
+            return;
+        }
+    };
+    let old = ctl.live.lock().expect("live").config.clone();
+    let mut changed = Vec::new();
+    if new.log.level != old.log.level {
+        match (hooks.set_log_level)(&new.log.level) {
+            Ok(()) => changed.push(format!(
+                "log.level {:?} -> {:?}",
+                old.log.level, new.log.level
+            )),
+            Err(e) => tracing::error!("log.level {:?} not applied: {e}", new.log.level),
+        }
+    }
+    if new.limits.max_peers != old.limits.max_peers {
+        changed.push(format!(
+            "limits.max_peers {} -> {}",
+            old.limits.max_peers, new.limits.max_peers
+        ));
+    }
+    if new.limits.drain_timeout_ms != old.limits.drain_timeout_ms {
+        changed.push(format!(
+            "limits.drain_timeout_ms {} -> {}",
+            old.limits.drain_timeout_ms, new.limits.drain_timeout_ms
+        ));
+    }
+    let restart_only: Vec<&str> = [
+        ("http", new.http != old.http),
+        ("media", new.media != old.media),
+        (
+            "limits.max_body_bytes",
+            new.limits.max_body_bytes != old.limits.max_body_bytes,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, differs)| *differs)
+    .map(|(k, _)| k)
+    .collect();
+    if !restart_only.is_empty() {
+        tracing::warn!(keys = ?restart_only, "changed in the configuration but only applied at restart");
+    }
+    ctl.live.lock().expect("live").apply(new);
+    if changed.is_empty() {
+        tracing::info!("reload: nothing that can change live has changed");
+    } else {
+        tracing::info!("reload applied: {}", changed.join("; "));
+    }
+}
+
+/// Tell systemd (Type=notify) about our state, when it supervises us.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => UnixAddr::from_abstract_name(name.as_bytes()),
+        None => UnixAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "sd_notify({state}) failed");
     }
 }
 
 /// `sluice serve`: start and block until stopped.
-pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let server = start_with(config, true)?;
+pub fn run(config: Config, hooks: Hooks) -> Result<(), Box<dyn std::error::Error>> {
+    let server = start_with(config, Some(hooks))?;
     server.wait();
     Ok(())
 }

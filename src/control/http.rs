@@ -136,18 +136,26 @@ fn precheck<'a>(
             .inc();
         return Err(text(StatusCode::BAD_REQUEST, "the offer is not UTF-8"));
     };
+    if c.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        c.metrics.signaling.with_label_values(&["draining"]).inc();
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining for shutdown: try another node",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Err(r);
+    }
     let sessions = c.registry.lock().expect("registry").sessions();
-    if sessions >= c.config.limits.max_peers {
+    let max_peers = c.live.lock().expect("live").max_peers;
+    if sessions >= max_peers {
         c.metrics
             .signaling
             .with_label_values(&["over_capacity"])
             .inc();
         let mut r = text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "over capacity: {sessions} sessions (limits.max_peers = {})",
-                c.config.limits.max_peers
-            ),
+            format!("over capacity: {sessions} sessions (limits.max_peers = {max_peers})"),
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

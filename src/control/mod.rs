@@ -19,7 +19,12 @@ use registry::{Registry, RouteUpdate};
 /// State shared by the HTTP handlers. The control thread is single-threaded; the mutex only
 /// satisfies axum's `Send` bounds and is never contended.
 pub struct Control {
+    /// The configuration sluice started with (what needs a restart to change).
     pub config: Config,
+    /// What SIGHUP can change while running.
+    pub live: Mutex<Live>,
+    /// Set once a drain began: new sessions are refused.
+    pub draining: std::sync::atomic::AtomicBool,
     pub registry: Mutex<Registry>,
     pub shards: Vec<ShardHandle>,
     /// Per shard: the candidate addresses announced in answers.
@@ -30,6 +35,28 @@ pub struct Control {
 }
 
 pub type SharedControl = Arc<Control>;
+
+/// Settings that a reload (SIGHUP) changes without dropping sessions.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub config: Config,
+    pub max_peers: usize,
+    pub drain_timeout_ms: u64,
+}
+
+impl Live {
+    pub fn new(config: Config) -> Live {
+        Live {
+            max_peers: config.limits.max_peers,
+            drain_timeout_ms: config.limits.drain_timeout_ms,
+            config,
+        }
+    }
+
+    pub fn apply(&mut self, config: Config) {
+        *self = Live::new(config);
+    }
+}
 
 impl Control {
     /// Tell every shard about route changes.

@@ -149,15 +149,24 @@ pub fn http_delete(base: &str, location: &str) -> u16 {
 impl Client {
     /// Publish over WHIP: video (VP8) and audio (Opus), sending synthetic RTP until stopped.
     pub fn publish(server: &Server, stream: &str) -> Result<Client, String> {
-        Self::connect(server, stream, true)
+        Self::connect(&format!("http://{}", server.http_addr), stream, true)
+    }
+
+    /// Publish to a sluice at `base` (`http://127.0.0.1:PORT`), e.g. one running as a process.
+    pub fn publish_to(base: &str, stream: &str) -> Result<Client, String> {
+        Self::connect(base, stream, true)
+    }
+
+    pub fn play_from(base: &str, stream: &str) -> Result<Client, String> {
+        Self::connect(base, stream, false)
     }
 
     /// Play over WHEP: receive video and audio.
     pub fn play(server: &Server, stream: &str) -> Result<Client, String> {
-        Self::connect(server, stream, false)
+        Self::connect(&format!("http://{}", server.http_addr), stream, false)
     }
 
-    fn connect(server: &Server, stream: &str, publish: bool) -> Result<Client, String> {
+    fn connect(base: &str, stream: &str, publish: bool) -> Result<Client, String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let local = socket.local_addr().unwrap();
         let mut rtc = RtcConfig::new()
@@ -176,7 +185,7 @@ impl Client {
         let video = api.add_media(MediaKind::Video, dir, None, None, None);
         let audio = api.add_media(MediaKind::Audio, dir, None, None, None);
         let (offer, pending) = api.apply().unwrap();
-        let base = format!("http://{}", server.http_addr);
+        let base = base.to_string();
         let kind = if publish { "whip" } else { "whep" };
         let (_, location, answer) =
             http_post(&format!("{base}/{kind}/{stream}"), &offer.to_sdp_string())?;
