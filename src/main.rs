@@ -136,7 +136,7 @@ fn print_errors(errors: &[ConfigError]) {
 }
 
 /// Changes the log filter of the running process (SIGHUP reload of `log.level`).
-type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+type LogReload = sluice::serve::SetLogLevel;
 
 /// `RUST_LOG` when set (and valid), else `log.level` (validated by `Config::load`). Returns the
 /// handle that changes `log.level` later; while `RUST_LOG` is set it wins and reloads say so.

@@ -181,9 +181,14 @@ fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn st
 /// What only the binary can provide: re-reading the configuration's sources and changing the log
 /// filter. With hooks, the control thread also handles SIGTERM/SIGINT (drain) and SIGHUP (reload).
 pub struct Hooks {
-    pub reload_config: Box<dyn Fn() -> Result<Config, Vec<crate::config::ConfigError>> + Send>,
-    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send>,
+    pub reload_config: ReloadConfig,
+    pub set_log_level: SetLogLevel,
 }
+
+/// Re-reads the configuration from the sources `serve` started with.
+pub type ReloadConfig = Box<dyn Fn() -> Result<Config, Vec<crate::config::ConfigError>> + Send>;
+/// Replaces the log filter.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
 async fn control_thread(
     ctl: SharedControl,

@@ -263,6 +263,7 @@ async fn whip(
             return text(StatusCode::CONFLICT, "stream already has a publisher");
         }
     };
+    reg.set_offer(&session, offer.to_owned(), None);
     let peer = NewPeer {
         session,
         rtc: n.rtc,
@@ -357,6 +358,7 @@ async fn whep(
         etag.clone(),
         tracks.iter().map(|(_, t)| *t).collect(),
     );
+    reg.set_offer(&session, offer.to_owned(), None);
     let peer = NewPeer {
         session,
         rtc: n.rtc,
@@ -394,12 +396,28 @@ async fn options(State(c): State<SharedControl>) -> Response {
         .into_response()
 }
 
+/// The first `a=<name>:` value in an SDP or SDP fragment.
+fn sdp_attr<'a>(sdp: &'a str, name: &str) -> Option<&'a str> {
+    sdp.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("a=")?.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+struct Found {
+    id: SessionId,
+    shard: usize,
+    etag: String,
+    remote_ufrag: String,
+    offer: String,
+}
+
 fn lookup(
     c: &SharedControl,
     kind: SessionKind,
     stream: &str,
     session: &str,
-) -> Result<(SessionId, usize, String), Response> {
+) -> Result<Found, Response> {
     let not_found = || {
         c.metrics.signaling.with_label_values(&["not_found"]).inc();
         text(StatusCode::NOT_FOUND, "no such session")
@@ -410,7 +428,13 @@ fn lookup(
     if info.kind != kind || info.stream != stream {
         return Err(not_found());
     }
-    Ok((id, info.shard, info.etag.clone()))
+    Ok(Found {
+        id,
+        shard: info.shard,
+        etag: info.etag.clone(),
+        remote_ufrag: info.remote_ufrag.clone(),
+        offer: info.offer.clone(),
+    })
 }
 
 async fn delete_session(
@@ -419,7 +443,7 @@ async fn delete_session(
     stream: String,
     session: String,
 ) -> Response {
-    let (id, shard, _) = match lookup(&c, kind, &stream, &session) {
+    let Found { id, shard, .. } = match lookup(&c, kind, &stream, &session) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -460,7 +484,13 @@ async fn patch_session(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (id, shard, etag) = match lookup(&c, kind, &stream, &session) {
+    let Found {
+        id,
+        shard,
+        etag,
+        remote_ufrag,
+        offer,
+    } = match lookup(&c, kind, &stream, &session) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -490,6 +520,14 @@ async fn patch_session(
             .inc();
         return text(StatusCode::BAD_REQUEST, "the fragment is not UTF-8");
     };
+    // New credentials mean an ICE restart (RFC 9725 section 4.4); the same ones are plain trickle.
+    let ufrag = sdp_attr(frag, "ice-ufrag");
+    let pwd = sdp_attr(frag, "ice-pwd");
+    if let (Some(ufrag), Some(pwd)) = (ufrag, pwd) {
+        if ufrag != remote_ufrag {
+            return ice_restart(&c, id, shard, &offer, ufrag, pwd).await;
+        }
+    }
     let mut candidates = Vec::new();
     for line in frag.lines().map(str::trim) {
         if let Some(cand) = line.strip_prefix("a=candidate:") {
@@ -516,6 +554,84 @@ async fn patch_session(
         });
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// The session's offer with the client's new ICE credentials and without its old candidates.
+fn restart_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(offer.len());
+    for line in offer.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        if line.starts_with("a=ice-ufrag:") {
+            out.push_str(&format!("a=ice-ufrag:{ufrag}"));
+        } else if line.starts_with("a=ice-pwd:") {
+            out.push_str(&format!("a=ice-pwd:{pwd}"));
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+async fn ice_restart(
+    c: &SharedControl,
+    id: SessionId,
+    shard: usize,
+    offer: &str,
+    ufrag: &str,
+    pwd: &str,
+) -> Response {
+    let offer = restart_offer(offer, ufrag, pwd);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let sent = c.shards[shard].send(ShardCommand::IceRestart {
+        session: id,
+        offer: offer.clone(),
+        reply,
+    });
+    if sent.is_err() {
+        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "media shard is overloaded");
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
+    let local = match tokio::time::timeout(std::time::Duration::from_secs(2), answer).await {
+        Ok(Ok(Ok(creds))) => creds,
+        Ok(Ok(Err(e))) => {
+            c.metrics.signaling.with_label_values(&["bad_request"]).inc();
+            return text(StatusCode::BAD_REQUEST, format!("ICE restart refused: {e}"));
+        }
+        _ => return text(StatusCode::NOT_FOUND, "the session ended"),
+    };
+    let etag = format!("{:016x}", rand::random::<u64>());
+    let mut body = format!(
+        "a=ice-lite\r\na=ice-ufrag:{}\r\na=ice-pwd:{}\r\n",
+        local.ufrag, local.pass
+    );
+    for addr in &c.announced[shard] {
+        if let Ok(cand) = Candidate::host(*addr, "udp") {
+            body.push_str(&format!("a={}\r\n", cand.to_sdp_string()));
+        }
+    }
+    body.push_str("a=end-of-candidates\r\n");
+    c.registry
+        .lock()
+        .expect("registry")
+        .set_offer(&id, offer, Some(etag.clone()));
+    tracing::info!(session = %id, "ICE restart");
+    (
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/trickle-ice-sdpfrag".to_string(),
+            ),
+            (header::ETAG, format!("\"{etag}\"")),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn patch_whip(

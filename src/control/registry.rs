@@ -32,6 +32,10 @@ pub struct SessionInfo {
     pub etag: String,
     pub tracks: Vec<TrackId>,
     pub connected: bool,
+    /// The client's current ICE ufrag; a PATCH with another one is an ICE restart.
+    pub remote_ufrag: String,
+    /// The client's offer, replayed with new credentials on an ICE restart.
+    pub offer: String,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +106,23 @@ impl Registry {
         self.sessions.get(id)
     }
 
+    /// Record the client's offer (its ICE ufrag is what a restart changes), and a new ETag
+    /// after an ICE restart.
+    pub fn set_offer(&mut self, id: &SessionId, offer: String, etag: Option<String>) {
+        if let Some(s) = self.sessions.get_mut(id) {
+            s.remote_ufrag = offer
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            s.offer = offer;
+            if let Some(e) = etag {
+                s.etag = e;
+            }
+        }
+    }
+
     pub fn mark_connected(&mut self, id: &SessionId) {
         if let Some(s) = self.sessions.get_mut(id) {
             s.connected = true;
@@ -168,6 +189,8 @@ impl Registry {
                 etag,
                 tracks: tracks.iter().map(|(t, _)| *t).collect(),
                 connected: false,
+                remote_ufrag: String::new(),
+                offer: String::new(),
             },
         );
         Ok(updates)
@@ -220,6 +243,8 @@ impl Registry {
                 etag,
                 tracks,
                 connected: false,
+                remote_ufrag: String::new(),
+                offer: String::new(),
             },
         );
         updates

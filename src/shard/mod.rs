@@ -19,7 +19,7 @@ use slab::Slab;
 use str0m::format::PayloadParams;
 use str0m::media::{KeyframeRequestKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 
 use crate::mesh::{Doorbell, MediaPacket, MeshEndpoints, MeshMsg, PacketPool, PacketView, TrackId};
 use crate::metrics::{self, Counter, ShardCounters, ShardStats, LATENCY_WINDOW};
@@ -92,6 +92,14 @@ pub enum ShardCommand {
     RemoteCandidate {
         session: SessionId,
         candidate: Candidate,
+    },
+    /// ICE restart (RFC 9725 section 4.4): the session's offer again, with the client's new ICE
+    /// credentials, so str0m flushes its ICE state and picks new local credentials (which go back
+    /// on `reply`). DTLS and media continue.
+    IceRestart {
+        session: SessionId,
+        offer: String,
+        reply: tokio::sync::oneshot::Sender<Result<IceCreds, String>>,
     },
     Shutdown,
 }
@@ -508,8 +516,38 @@ impl ShardState {
                     self.drain(key, now);
                 }
             }
+            ShardCommand::IceRestart {
+                session,
+                offer,
+                reply,
+            } => {
+                let result = self.ice_restart(session, &offer, now);
+                let _ = reply.send(result);
+            }
             ShardCommand::Shutdown => {}
         }
+    }
+
+    fn ice_restart(
+        &mut self,
+        session: SessionId,
+        offer: &str,
+        now: Instant,
+    ) -> Result<IceCreds, String> {
+        let key = *self.by_session.get(&session).ok_or("no such peer")?;
+        let offer = str0m::change::SdpOffer::from_sdp_string(offer).map_err(|e| e.to_string())?;
+        let peer = &mut self.peers[key];
+        peer.rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| e.to_string())?;
+        let local = peer.rtc.direct_api().local_ice_credentials();
+        self.by_ufrag.remove(&peer.ufrag[..]);
+        peer.ufrag = local.ufrag.as_bytes().into();
+        self.by_ufrag.insert(peer.ufrag.clone(), key);
+        tracing::debug!(shard = self.id, %session, "ICE restart");
+        self.drain(key, now);
+        Ok(local)
     }
 
     fn add_peer(&mut self, p: NewPeer, now: Instant) {

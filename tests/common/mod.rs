@@ -74,6 +74,10 @@ pub struct ClientState {
     pub paused: AtomicBool,
     /// Stop the client thread, without telling the server (a peer that goes silent).
     pub stop: AtomicBool,
+    /// ICE restart onto a new local socket: (our new credentials, the server's new ones).
+    pub restart: Mutex<Option<(str0m::IceCreds, str0m::IceCreds)>>,
+    /// The local address the client currently uses.
+    pub local: Mutex<Option<SocketAddr>>,
 }
 
 pub struct Client {
@@ -223,6 +227,38 @@ impl Client {
         http_delete(&self.base, &self.location)
     }
 
+    /// ICE restart through PATCH (RFC 9725 section 4.4), moving to a new local UDP port as a
+    /// client whose network changed would. Returns the HTTP status.
+    pub fn ice_restart(&self) -> u16 {
+        let mine = str0m::IceCreds::new();
+        let frag = format!(
+            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n",
+            mine.ufrag, mine.pass
+        );
+        let resp = ureq::request("PATCH", &format!("{}{}", self.base, self.location))
+            .set("Content-Type", "application/trickle-ice-sdpfrag")
+            .set("If-Match", "*")
+            .send_string(&frag);
+        let r = match resp {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, _)) => return code,
+            Err(_) => return 0,
+        };
+        let status = r.status();
+        let body = r.into_string().unwrap_or_default();
+        let attr = |name: &str| {
+            body.lines()
+                .find_map(|l| l.trim().strip_prefix(name).map(str::to_string))
+                .unwrap_or_default()
+        };
+        let theirs = str0m::IceCreds {
+            ufrag: attr("a=ice-ufrag:"),
+            pass: attr("a=ice-pwd:"),
+        };
+        *self.state.restart.lock().unwrap() = Some((mine, theirs));
+        status
+    }
+
     /// Stop the client's thread without telling the server.
     pub fn go_silent(&mut self) {
         self.state.stop.store(true, Ordering::Relaxed);
@@ -255,13 +291,14 @@ const KEYFRAME_EVERY: Duration = Duration::from_secs(1);
 
 fn run_client(
     mut rtc: Rtc,
-    socket: UdpSocket,
+    mut socket: UdpSocket,
     st: Arc<ClientState>,
     publish: bool,
     video_mid: Mid,
     audio_mid: Mid,
 ) {
-    let local = socket.local_addr().unwrap();
+    let mut local = socket.local_addr().unwrap();
+    *st.local.lock().unwrap() = Some(local);
     let mut buf = vec![0u8; 2000];
     let start = Instant::now();
     let mut next_video = start;
@@ -278,6 +315,17 @@ fn run_client(
         .find(|p| p.spec().codec == Codec::Opus)
         .map(|p| p.pt());
     while !st.stop.load(Ordering::Relaxed) && rtc.is_alive() {
+        if let Some((mine, theirs)) = st.restart.lock().unwrap().take() {
+            let old = Candidate::host(local, "udp").unwrap();
+            socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            local = socket.local_addr().unwrap();
+            *st.local.lock().unwrap() = Some(local);
+            rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+            let mut api = rtc.direct_api();
+            api.invalidate_candidate(&old);
+            api.set_local_ice_credentials(mine);
+            api.set_remote_ice_credentials(theirs);
+        }
         // Drain.
         let timeout = loop {
             match rtc.poll_output() {
