@@ -2,10 +2,12 @@
 //! placement of peers on shards. It negotiates each peer, then moves its `Rtc` to the owning shard
 //! and never touches media sockets.
 
+pub mod auth;
 mod http;
 pub mod negotiate;
 pub mod placement;
 pub mod registry;
+pub mod rooms;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
