@@ -33,6 +33,30 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[turn]`: the embedded STUN/TURN server.
+    pub turn: TurnConfig,
+    /// `[auth]`: token auth for WHIP, WHEP and `/ws`.
+    pub auth: AuthConfig,
+}
+
+/// Token auth. Without a secret sluice is open (and says so loudly at start).
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret of the JWTs that WHIP, WHEP and `/ws` require; unset = no auth.
+    pub jwt_secret: Option<String>,
+}
+
+/// Secrets are not printed by `{:?}` (logs, panics).
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// The HTTP(S) API: WHIP, WHEP, `/ws`, admin, metrics, demo page.
@@ -170,6 +194,248 @@ impl Default for LogConfig {
     }
 }
 
+/// The embedded STUN/TURN server (RFC 8489, RFC 8656), on the control thread.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// Run the STUN/TURN server. Default true.
+    pub enabled: bool,
+    /// UDP and TCP address of the server. Default `0.0.0.0:3478`.
+    pub listen: SocketAddr,
+    /// REALM of the long-term credentials. Default `sluice`.
+    pub realm: String,
+    /// TURN REST API shared secret (coturn's `use-auth-secret`): username `<unix-expiry>:<user>`,
+    /// password `base64(HMAC-SHA1(secret, username))`.
+    pub secret: Option<String>,
+    /// Fixed accounts, each `user:password`.
+    pub static_users: Vec<String>,
+    /// UDP ports relay sockets are bound on. Default `49152-65535`.
+    pub relay_ports: PortRange,
+    /// Host (name or IP) advertised in `turn:` URLs; unset = the host of the HTTP request.
+    pub public_host: Option<String>,
+    /// Allow relaying to loopback peers (127.0.0.0/8, ::1). Default false.
+    pub allow_loopback_peers: bool,
+    /// Peer networks allowed even though they are special-purpose (private, link-local, ...).
+    pub allow_peers: Vec<Cidr>,
+    /// Allocations one user may hold at once. Default 10.
+    pub user_quota: usize,
+    /// Allocations the server holds at once. Default 1000.
+    pub total_quota: usize,
+    /// Relayed bits per second per allocation, both directions together; 0 = no cap.
+    pub bandwidth_bps: u64,
+    /// Lifetime of the REST credentials sluice hands out, in seconds. Default 86400.
+    pub credential_ttl_s: u64,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            realm: "sluice".to_string(),
+            secret: None,
+            static_users: Vec::new(),
+            relay_ports: PortRange {
+                low: 49152,
+                high: 65535,
+            },
+            public_host: None,
+            allow_loopback_peers: false,
+            allow_peers: Vec::new(),
+            user_quota: 10,
+            total_quota: 1000,
+            bandwidth_bps: 10_000_000,
+            credential_ttl_s: 86_400,
+        }
+    }
+}
+
+/// Secrets are not printed by `{:?}` (logs, panics).
+impl fmt::Debug for TurnConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let users: Vec<&str> = self
+            .static_users
+            .iter()
+            .map(|u| u.split(':').next().unwrap_or(""))
+            .collect();
+        f.debug_struct("TurnConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("realm", &self.realm)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("static_users", &users)
+            .field("relay_ports", &self.relay_ports)
+            .field("public_host", &self.public_host)
+            .field("allow_loopback_peers", &self.allow_loopback_peers)
+            .field("allow_peers", &self.allow_peers)
+            .field("user_quota", &self.user_quota)
+            .field("total_quota", &self.total_quota)
+            .field("bandwidth_bps", &self.bandwidth_bps)
+            .field("credential_ttl_s", &self.credential_ttl_s)
+            .finish()
+    }
+}
+
+impl TurnConfig {
+    /// The static users as (user, password) pairs (entries without a `:` are skipped; validation
+    /// refuses them).
+    pub fn static_user_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.static_users.iter().filter_map(|u| u.split_once(':'))
+    }
+}
+
+/// An inclusive UDP port range, written `low-high` (or a single port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.high) - usize::from(self.low) + 1
+    }
+
+    /// Never true: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (low, high) = s.split_once('-').unwrap_or((s, s));
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    format!("invalid port range {s:?}: expected LOW-HIGH, ports 1 to 65535")
+                })
+        };
+        let (low, high) = (port(low)?, port(high)?);
+        if low > high {
+            return Err(format!("invalid port range {s:?}: {low} is above {high}"));
+        }
+        Ok(PortRange { low, high })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.low, self.high)
+    }
+}
+
+/// An IP network, written `addr/prefix` (a bare address is a single host). Host bits must be 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Is `ip` inside this network? An IPv4 network never contains an IPv6 address, nor the
+    /// reverse (IPv4-mapped IPv6 peers are unwrapped before they are checked).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("invalid network {s:?}: expected ADDR/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("invalid network {s:?}: prefix must be 0 to {max}"))?
+        };
+        let cidr = Cidr { addr, prefix };
+        let network = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        if network != addr {
+            return Err(format!(
+                "invalid network {s:?}: host bits are set (did you mean {network}/{prefix}?)"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        c.to_string()
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// One configuration problem, named by its dotted key (`media.port_base`), or by the environment
 /// variable or `config` (the file itself) when no key applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +557,9 @@ field_types! {
     PathBuf => Str "PATH",
     IoBackend => Str "uring|mmsg",
     Vec<IpAddr> => List "IP,..",
+    Vec<String> => List "STRING,..",
+    PortRange => Str "LOW-HIGH",
+    Vec<Cidr> => List "CIDR,..",
 }
 
 impl<T: FieldType> FieldType for Option<T> {
@@ -343,6 +612,20 @@ static KEYS: &[KeySpec] = &[
     key::<usize>("limits", "max_body_bytes", "largest accepted HTTP request body (1 KiB to 16 MiB)"),
     key::<u64>("limits", "drain_timeout_ms", "on shutdown, how long peers may stay before being closed"),
     key::<String>("log", "level", "trace|debug|info|warn|error|off, or directives like info,sluice::shard=debug (RUST_LOG overrides)"),
+    key::<bool>("turn", "enabled", "run the embedded STUN/TURN server"),
+    key::<SocketAddr>("turn", "listen", "UDP and TCP address:port of the STUN/TURN server"),
+    key::<String>("turn", "realm", "REALM of the TURN long-term credentials"),
+    key::<Option<String>>("turn", "secret", "TURN REST API shared secret (coturn use-auth-secret); also enables credential hand-out"),
+    key::<Vec<String>>("turn", "static_users", "fixed TURN accounts, each user:password"),
+    key::<PortRange>("turn", "relay_ports", "UDP port range of relay sockets, LOW-HIGH"),
+    key::<Option<String>>("turn", "public_host", "host advertised in turn: URLs; unset = the host of the HTTP request"),
+    key::<bool>("turn", "allow_loopback_peers", "allow relaying to loopback peers (127.0.0.0/8, ::1)"),
+    key::<Vec<Cidr>>("turn", "allow_peers", "networks allowed as peers though special-purpose (private, link-local, ...)"),
+    key::<usize>("turn", "user_quota", "allocations one user may hold at once"),
+    key::<usize>("turn", "total_quota", "allocations the server holds at once"),
+    key::<u64>("turn", "bandwidth_bps", "relayed bits/s per allocation, both directions; 0 = no cap"),
+    key::<u64>("turn", "credential_ttl_s", "lifetime in seconds of the TURN credentials handed out"),
+    key::<Option<String>>("auth", "jwt_secret", "HS256 secret; when set, WHIP, WHEP and /ws require a JWT (at least 16 characters)"),
 ];
 
 /// Environment variables with the `SLUICE_` prefix that are not configuration keys.
@@ -570,6 +853,95 @@ impl Config {
 
         if let Err(message) = check_log_level(&self.log.level) {
             err("log.level", message);
+        }
+
+        if let Some(secret) = &self.auth.jwt_secret {
+            if secret.chars().count() < 16 {
+                err(
+                    "auth.jwt_secret",
+                    "must be at least 16 characters (an HS256 key should be 32 random bytes)"
+                        .into(),
+                );
+            }
+        }
+        let turn = &self.turn;
+        if turn.listen.ip().is_multicast() {
+            err(
+                "turn.listen",
+                format!("{} is not a unicast address", turn.listen.ip()),
+            );
+        }
+        if turn.realm.is_empty() || turn.realm.chars().count() > 127 {
+            err("turn.realm", "must be 1 to 127 characters".into());
+        } else if turn
+            .realm
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+        {
+            err(
+                "turn.realm",
+                "must not contain quotes, backslashes or control characters".into(),
+            );
+        }
+        if turn.secret.as_deref().is_some_and(|s| s.is_empty()) {
+            err(
+                "turn.secret",
+                "must not be empty (leave it unset instead)".into(),
+            );
+        }
+        for (i, entry) in turn.static_users.iter().enumerate() {
+            match entry.split_once(':') {
+                Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                    let seen = turn.static_users[..i]
+                        .iter()
+                        .any(|e| e.split_once(':').is_some_and(|(u, _)| u == user));
+                    if seen {
+                        err(
+                            "turn.static_users",
+                            format!("user {user:?} is listed twice"),
+                        );
+                    }
+                }
+                _ => {
+                    let user = entry.split(':').next().unwrap_or("");
+                    err(
+                        "turn.static_users",
+                        format!(
+                            "entry {} ({user:?}...) must be user:password, both non-empty",
+                            i + 1
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(host) = &turn.public_host {
+            if let Err(message) = check_host(host) {
+                err("turn.public_host", message);
+            }
+        }
+        if turn.user_quota == 0 {
+            err("turn.user_quota", "must be at least 1".into());
+        }
+        if turn.total_quota == 0 {
+            err("turn.total_quota", "must be at least 1".into());
+        }
+        if turn.credential_ttl_s < 60 || turn.credential_ttl_s > 30 * 86_400 {
+            err(
+                "turn.credential_ttl_s",
+                format!(
+                    "must be between 60 and 2592000 (30 days), got {}",
+                    turn.credential_ttl_s
+                ),
+            );
+        }
+        if turn.bandwidth_bps != 0 && turn.bandwidth_bps < 64_000 {
+            err(
+                "turn.bandwidth_bps",
+                format!(
+                    "must be 0 (no cap) or at least 64000, got {}",
+                    turn.bandwidth_bps
+                ),
+            );
         }
 
         if errors.is_empty() {
@@ -807,6 +1179,31 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// A host name or IP address fit for a `turn:` URL (IPv6 bare or in brackets).
+fn check_host(host: &str) -> Result<(), String> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.len() <= 253 && host.trim_end_matches('.').split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host:?} is neither an IP address nor a host name (no port, no scheme)"
+        ))
+    }
 }
 
 /// Accepts a level, or comma-separated `tracing` directives (`target=level`, `level`).
@@ -1251,6 +1648,159 @@ mod tests {
             "{text}"
         );
         assert_eq!(load_file(&text, &[], &[]).unwrap(), config);
+    }
+
+    #[test]
+    fn turn_section_defaults_env_and_types() {
+        let d = Config::default().turn;
+        assert!(d.enabled);
+        assert_eq!(d.listen, "0.0.0.0:3478".parse().unwrap());
+        assert_eq!(d.realm, "sluice");
+        assert_eq!(d.secret, None);
+        assert_eq!(
+            d.relay_ports,
+            PortRange {
+                low: 49152,
+                high: 65535
+            }
+        );
+        assert_eq!(d.relay_ports.len(), 16384);
+        assert_eq!((d.user_quota, d.total_quota), (10, 1000));
+        assert_eq!(d.credential_ttl_s, 86_400);
+
+        let env = [
+            ("SLUICE_TURN_SECRET", "s3cret"),
+            ("SLUICE_TURN_LISTEN", "127.0.0.1:13478"),
+            ("SLUICE_TURN_ALLOW_LOOPBACK_PEERS", "true"),
+            ("SLUICE_TURN_RELAY_PORTS", "50000-50099"),
+            ("SLUICE_TURN_ALLOW_PEERS", "10.0.0.0/8, fd00::/8,192.0.2.7"),
+            ("SLUICE_TURN_STATIC_USERS", "alice:pw1,bob:p:w"),
+        ];
+        let c = Config::load(None, &pairs(&env), &[]).unwrap().turn;
+        assert_eq!(c.secret.as_deref(), Some("s3cret"));
+        assert_eq!(c.listen, "127.0.0.1:13478".parse().unwrap());
+        assert!(c.allow_loopback_peers);
+        assert_eq!(
+            c.relay_ports,
+            PortRange {
+                low: 50000,
+                high: 50099
+            }
+        );
+        assert_eq!(c.allow_peers.len(), 3);
+        assert!(c.allow_peers[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.allow_peers[0].contains("11.1.2.3".parse().unwrap()));
+        assert!(c.allow_peers[1].contains("fd12::1".parse().unwrap()));
+        assert!(!c.allow_peers[1].contains("10.1.2.3".parse().unwrap()));
+        assert!(c.allow_peers[2].contains("192.0.2.7".parse().unwrap()));
+        assert!(!c.allow_peers[2].contains("192.0.2.8".parse().unwrap()));
+        assert_eq!(
+            c.static_user_pairs().collect::<Vec<_>>(),
+            [("alice", "pw1"), ("bob", "p:w")]
+        );
+        // Secrets stay out of Debug output.
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("s3cret") && !debug.contains("pw1"),
+            "{debug}"
+        );
+
+        // Bad values are type errors named by key.
+        for (var, key) in [
+            ("SLUICE_TURN_RELAY_PORTS", "turn.relay_ports"),
+            ("SLUICE_TURN_ALLOW_PEERS", "turn.allow_peers"),
+        ] {
+            for bad in ["60000-50000", "0-10", "x", "10.0.0.1/8", "10.0.0.0/33"] {
+                if let Err(errors) = Config::load(None, &pairs(&[(var, bad)]), &[]) {
+                    assert_eq!(keys_of(&errors), [key], "{bad}: {errors:?}");
+                    assert!(errors[0].message.contains(var), "{}", errors[0]);
+                }
+            }
+        }
+        let errors = Config::load(
+            None,
+            &pairs(&[("SLUICE_TURN_ALLOW_PEERS", "10.0.0.1/8")]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(errors[0].message.contains("10.0.0.0/8"), "{}", errors[0]);
+        assert_eq!("50000".parse::<PortRange>().unwrap().len(), 1);
+        assert!("65535-65535".parse::<PortRange>().is_ok());
+    }
+
+    #[test]
+    fn turn_validation_errors_name_their_key() {
+        type Mutation = fn(&mut TurnConfig);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("turn.realm", |t| t.realm = String::new()),
+            ("turn.realm", |t| t.realm = "a\"b".into()),
+            ("turn.realm", |t| t.realm = "x".repeat(128)),
+            ("turn.secret", |t| t.secret = Some(String::new())),
+            ("turn.static_users", |t| {
+                t.static_users = vec!["alice".into()]
+            }),
+            ("turn.static_users", |t| t.static_users = vec![":pw".into()]),
+            ("turn.static_users", |t| t.static_users = vec!["a:".into()]),
+            ("turn.static_users", |t| {
+                t.static_users = vec!["a:1".into(), "a:2".into()]
+            }),
+            ("turn.public_host", |t| t.public_host = Some(String::new())),
+            ("turn.public_host", |t| {
+                t.public_host = Some("turn.example.com:3478".into())
+            }),
+            ("turn.public_host", |t| {
+                t.public_host = Some("https://turn.example.com".into())
+            }),
+            ("turn.user_quota", |t| t.user_quota = 0),
+            ("turn.total_quota", |t| t.total_quota = 0),
+            ("turn.credential_ttl_s", |t| t.credential_ttl_s = 59),
+            ("turn.credential_ttl_s", |t| {
+                t.credential_ttl_s = 31 * 86_400
+            }),
+            ("turn.bandwidth_bps", |t| t.bandwidth_bps = 1000),
+            ("turn.listen", |t| {
+                t.listen = "224.0.0.1:3478".parse().unwrap()
+            }),
+        ];
+        for (key, mutate) in cases {
+            let mut config = Config::default();
+            mutate(&mut config.turn);
+            let errors = config.validate().unwrap_err();
+            assert_eq!(keys_of(&errors), [key], "{errors:?}");
+        }
+        // Edges that are fine.
+        let mut config = Config::default();
+        config.turn.public_host = Some("turn.example.com".into());
+        config.turn.bandwidth_bps = 0;
+        config.turn.credential_ttl_s = 60;
+        config.turn.static_users = vec!["a:b:c".into(), "b:x".into()];
+        config.validate().unwrap();
+        for host in ["203.0.113.5", "2001:db8::1", "[2001:db8::1]", "localhost"] {
+            config.turn.public_host = Some(host.into());
+            config.validate().unwrap();
+        }
+
+        // Round trip through TOML with every turn key set.
+        let config = Config {
+            turn: TurnConfig {
+                enabled: false,
+                listen: "127.0.0.1:3479".parse().unwrap(),
+                realm: "example.org".into(),
+                secret: Some("k".into()),
+                static_users: vec!["u:p".into()],
+                relay_ports: "40000-40010".parse().unwrap(),
+                public_host: Some("turn.example.org".into()),
+                allow_loopback_peers: true,
+                allow_peers: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+                user_quota: 3,
+                total_quota: 30,
+                bandwidth_bps: 0,
+                credential_ttl_s: 600,
+            },
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(load_file(&config.to_toml(), &[], &[]).unwrap(), config);
     }
 
     #[test]

@@ -33,6 +33,48 @@ enum Cmd {
     CheckConfig(ConfigArgs),
     /// Print the version (and the git commit it was built from, when known).
     Version,
+    /// Mint a token (HS256 JWT) from the configured auth.jwt_secret, for WHIP, WHEP and /ws.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The room or stream the token is for; "*" for every one.
+    #[arg(long)]
+    room: String,
+    /// The identity (`sub` claim).
+    #[arg(long)]
+    identity: String,
+    /// Grant publishing (WHIP, publishing in a room).
+    #[arg(long)]
+    publish: bool,
+    /// Grant subscribing (WHEP, receiving in a room).
+    #[arg(long)]
+    subscribe: bool,
+    /// Lifetime: seconds, or a number with s, m, h or d (e.g. 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    ttl: u64,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+/// "90", "90s", "15m", "1h", "7d" to seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 3600, 90s, 15m, 1h or 7d"))?;
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(format!("{s:?} must be a positive duration")),
+        Some(v) => Ok(v),
+    }
 }
 
 /// `--config PATH` plus one flag per configuration key, from `Config::keys()`.
@@ -180,6 +222,40 @@ fn init_logging(config: &Config) -> LogReload {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Token(t) => {
+            let config = match t.config.load() {
+                Ok(config) => config,
+                Err(errors) => {
+                    print_errors(&errors);
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let Some(secret) = config.auth.jwt_secret else {
+                eprintln!("sluice token: auth.jwt_secret is not set (config file, SLUICE_AUTH_JWT_SECRET or --auth-jwt-secret)");
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            if !t.publish && !t.subscribe {
+                eprintln!("sluice token: grant at least one of --publish and --subscribe");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let claims = sluice::control::auth::Claims::new(
+                &t.identity,
+                &t.room,
+                t.publish,
+                t.subscribe,
+                now,
+                t.ttl,
+            );
+            println!(
+                "{}",
+                sluice::control::auth::mint(secret.as_bytes(), &claims)
+            );
+            ExitCode::SUCCESS
+        }
         Cmd::Version => {
             println!("{}", version());
             ExitCode::SUCCESS
@@ -305,6 +381,16 @@ mod tests {
         assert!(args.overrides.is_empty());
         assert!(parse(&["serve", "--media-port-bsae", "1"]).is_err());
         assert!(matches!(parse(&["version"]).unwrap().command, Cmd::Version));
+    }
+
+    #[test]
+    fn ttl_parses_units() {
+        assert_eq!(parse_ttl("90").unwrap(), 90);
+        assert_eq!(parse_ttl("15m").unwrap(), 900);
+        assert_eq!(parse_ttl("1h").unwrap(), 3600);
+        assert_eq!(parse_ttl("2d").unwrap(), 172_800);
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("soon").is_err());
     }
 
     #[test]

@@ -142,6 +142,12 @@ fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn st
     );
 
     let io_backend = handles[0].io_backend;
+    if config.auth.jwt_secret.is_none() {
+        tracing::warn!(
+            "auth.jwt_secret is not set: anyone who can reach {} may publish and watch. Set it (or SLUICE_AUTH_JWT_SECRET) to require tokens",
+            config.http.listen
+        );
+    }
     let listener = TcpListener::bind(config.http.listen)
         .map_err(|e| format!("http.listen {}: {e}", config.http.listen))?;
     listener.set_nonblocking(true)?;
@@ -309,6 +315,13 @@ fn reload(ctl: &SharedControl, hooks: &Hooks) {
             "limits.max_peers {} -> {}",
             old.limits.max_peers, new.limits.max_peers
         ));
+    }
+    if new.auth.jwt_secret != old.auth.jwt_secret {
+        changed.push(match (&old.auth.jwt_secret, &new.auth.jwt_secret) {
+            (None, Some(_)) => "auth.jwt_secret set: tokens now required".to_string(),
+            (Some(_), None) => "auth.jwt_secret removed: sluice is now OPEN".to_string(),
+            _ => "auth.jwt_secret replaced".to_string(),
+        });
     }
     if new.limits.drain_timeout_ms != old.limits.drain_timeout_ms {
         changed.push(format!(

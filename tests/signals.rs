@@ -187,3 +187,53 @@ fn sighup_reloads_limits_without_dropping_sessions() {
         "sessions survive the reload"
     );
 }
+
+#[test]
+fn sighup_reloads_the_auth_secret_without_dropping_sessions() {
+    use sluice::control::auth::{mint, Claims};
+    init_log();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let tok = |secret: &str, publish: bool| {
+        mint(
+            secret.as_bytes(),
+            &Claims::new("t", "live", publish, !publish, now, 600),
+        )
+    };
+    let (a, b) = ("first-secret-0123456789", "second-secret-0123456789");
+    let cfg = tempfile_path::write(&format!("[auth]\njwt_secret = \"{a}\"\n"));
+    let s = spawn(&cfg);
+    let publisher = Client::with_token(&s.base, "live", true, &tok(a, true)).unwrap();
+    assert!(publisher.wait_connected(Duration::from_secs(10)));
+    let viewer = Client::with_token(&s.base, "live", false, &tok(a, false)).unwrap();
+    assert!(viewer.wait_connected(Duration::from_secs(10)));
+    assert!(wait_until(Duration::from_secs(5), || viewer
+        .received()
+        .len()
+        > 20));
+
+    std::fs::write(&*cfg, format!("[auth]\njwt_secret = \"{b}\"\n")).unwrap();
+    signal(&s.child, "-HUP");
+    assert!(
+        wait_until(Duration::from_secs(5), || Client::with_token(
+            &s.base,
+            "live",
+            false,
+            &tok(a, false)
+        )
+        .err()
+        .is_some_and(|e| e.starts_with("401"))),
+        "tokens of the old secret are refused after the reload"
+    );
+    let second =
+        Client::with_token(&s.base, "live", false, &tok(b, false)).expect("new secret works");
+    assert!(second.wait_connected(Duration::from_secs(10)));
+    let before = viewer.received().len();
+    assert!(
+        wait_until(Duration::from_secs(3), || viewer.received().len()
+            > before + 50),
+        "sessions admitted under the old secret keep streaming"
+    );
+}

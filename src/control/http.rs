@@ -102,12 +102,53 @@ fn valid_stream_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Checks shared by WHIP and WHEP before any work: stream name, content type, body, capacity.
+/// With `auth.jwt_secret` set, the request must carry `Authorization: Bearer <jwt>` granting
+/// `right` on `stream`. Refusals are 401/403 with the reason, counted by reason.
+fn authorize(
+    c: &SharedControl,
+    headers: &HeaderMap,
+    stream: &str,
+    right: super::auth::Right,
+) -> Result<(), Response> {
+    let Some(secret) = c.live.lock().expect("live").jwt_secret.clone() else {
+        return Ok(());
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(super::auth::bearer);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match super::auth::check(secret.as_bytes(), token, stream, right, now) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            c.metrics
+                .auth_failures
+                .with_label_values(&[e.reason()])
+                .inc();
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut r = text(status, e.to_string());
+            if status == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"sluice\""),
+                );
+            }
+            Err(r)
+        }
+    }
+}
+
+/// Checks shared by WHIP and WHEP before any work: stream name, content type, body, capacity,
+/// and the token.
 fn precheck<'a>(
     c: &SharedControl,
     stream: &str,
     headers: &HeaderMap,
     body: &'a Bytes,
+    right: super::auth::Right,
 ) -> Result<&'a str, Response> {
     if !valid_stream_name(stream) {
         c.metrics
@@ -119,6 +160,7 @@ fn precheck<'a>(
             "stream names are 1-128 characters of A-Z a-z 0-9 - _ .",
         ));
     }
+    authorize(c, headers, stream, right)?;
     if !has_content_type(headers, "application/sdp") {
         c.metrics
             .signaling
@@ -213,7 +255,7 @@ async fn whip(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let offer = match precheck(&c, &stream, &headers, &body) {
+    let offer = match precheck(&c, &stream, &headers, &body, super::auth::Right::Publish) {
         Ok(o) => o,
         Err(r) => return r,
     };
@@ -290,7 +332,7 @@ async fn whep(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let offer = match precheck(&c, &stream, &headers, &body) {
+    let offer = match precheck(&c, &stream, &headers, &body, super::auth::Right::Subscribe) {
         Ok(o) => o,
         Err(r) => return r,
     };
@@ -599,7 +641,10 @@ async fn ice_restart(
     let local = match tokio::time::timeout(std::time::Duration::from_secs(2), answer).await {
         Ok(Ok(Ok(creds))) => creds,
         Ok(Ok(Err(e))) => {
-            c.metrics.signaling.with_label_values(&["bad_request"]).inc();
+            c.metrics
+                .signaling
+                .with_label_values(&["bad_request"])
+                .inc();
             return text(StatusCode::BAD_REQUEST, format!("ICE restart refused: {e}"));
         }
         _ => return text(StatusCode::NOT_FOUND, "the session ended"),
@@ -652,8 +697,11 @@ async fn patch_whep(
     patch_session(c, SessionKind::Play, s, id, headers, body).await
 }
 
+/// `200 ok`, or `503 draining` once a drain began (load balancers stop sending new sessions).
 async fn healthz(State(c): State<SharedControl>) -> Response {
-    let _ = &c;
+    if c.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining");
+    }
     text(StatusCode::OK, "ok")
 }
 

@@ -44,6 +44,8 @@ pub struct Live {
     pub config: Config,
     pub max_peers: usize,
     pub drain_timeout_ms: u64,
+    /// HS256 secret of WHIP/WHEP/`/ws` tokens; `None` = open.
+    pub jwt_secret: Option<String>,
 }
 
 impl Live {
@@ -51,6 +53,7 @@ impl Live {
         Live {
             max_peers: config.limits.max_peers,
             drain_timeout_ms: config.limits.drain_timeout_ms,
+            jwt_secret: config.auth.jwt_secret.clone(),
             config,
         }
     }

@@ -54,6 +54,10 @@ impl Exporter {
             &["reason"],
         )
         .expect("valid metric");
+        // Every reason exists from the start, at 0, so dashboards and alerts see the series.
+        for e in crate::control::auth::AuthError::ALL {
+            auth_failures.with_label_values(&[e.reason()]);
+        }
         let draining = IntGauge::new(
             "sluice_draining",
             "1 while the node drains (refuses new sessions before shutdown), else 0.",

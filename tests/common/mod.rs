@@ -125,11 +125,12 @@ pub fn payload_counter(video: bool, p: &[u8]) -> Option<u32> {
     (expect == p).then_some(counter)
 }
 
-fn http_post(url: &str, sdp: &str) -> Result<(u16, String, String), String> {
-    match ureq::post(url)
-        .set("Content-Type", "application/sdp")
-        .send_string(sdp)
-    {
+fn http_post(url: &str, sdp: &str, token: Option<&str>) -> Result<(u16, String, String), String> {
+    let mut req = ureq::post(url).set("Content-Type", "application/sdp");
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    match req.send_string(sdp) {
         Ok(r) => {
             let loc = r.header("Location").unwrap_or_default().to_string();
             let status = r.status();
@@ -153,24 +154,39 @@ pub fn http_delete(base: &str, location: &str) -> u16 {
 impl Client {
     /// Publish over WHIP: video (VP8) and audio (Opus), sending synthetic RTP until stopped.
     pub fn publish(server: &Server, stream: &str) -> Result<Client, String> {
-        Self::connect(&format!("http://{}", server.http_addr), stream, true)
+        Self::connect(&format!("http://{}", server.http_addr), stream, true, None)
+    }
+
+    /// Publish or play with `Authorization: Bearer <token>`.
+    pub fn with_token(
+        base: &str,
+        stream: &str,
+        publish: bool,
+        token: &str,
+    ) -> Result<Client, String> {
+        Self::connect(base, stream, publish, Some(token))
     }
 
     /// Publish to a sluice at `base` (`http://127.0.0.1:PORT`), e.g. one running as a process.
     pub fn publish_to(base: &str, stream: &str) -> Result<Client, String> {
-        Self::connect(base, stream, true)
+        Self::connect(base, stream, true, None)
     }
 
     pub fn play_from(base: &str, stream: &str) -> Result<Client, String> {
-        Self::connect(base, stream, false)
+        Self::connect(base, stream, false, None)
     }
 
     /// Play over WHEP: receive video and audio.
     pub fn play(server: &Server, stream: &str) -> Result<Client, String> {
-        Self::connect(&format!("http://{}", server.http_addr), stream, false)
+        Self::connect(&format!("http://{}", server.http_addr), stream, false, None)
     }
 
-    fn connect(base: &str, stream: &str, publish: bool) -> Result<Client, String> {
+    fn connect(
+        base: &str,
+        stream: &str,
+        publish: bool,
+        token: Option<&str>,
+    ) -> Result<Client, String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let local = socket.local_addr().unwrap();
         let mut rtc = RtcConfig::new()
@@ -191,8 +207,11 @@ impl Client {
         let (offer, pending) = api.apply().unwrap();
         let base = base.to_string();
         let kind = if publish { "whip" } else { "whep" };
-        let (_, location, answer) =
-            http_post(&format!("{base}/{kind}/{stream}"), &offer.to_sdp_string())?;
+        let (_, location, answer) = http_post(
+            &format!("{base}/{kind}/{stream}"),
+            &offer.to_sdp_string(),
+            token,
+        )?;
         let shard_port = answer
             .lines()
             .find(|l| l.starts_with("a=candidate"))
@@ -231,10 +250,7 @@ impl Client {
     /// client whose network changed would. Returns the HTTP status.
     pub fn ice_restart(&self) -> u16 {
         let mine = str0m::IceCreds::new();
-        let frag = format!(
-            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n",
-            mine.ufrag, mine.pass
-        );
+        let frag = format!("a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n", mine.ufrag, mine.pass);
         let resp = ureq::request("PATCH", &format!("{}{}", self.base, self.location))
             .set("Content-Type", "application/trickle-ice-sdpfrag")
             .set("If-Match", "*")
