@@ -261,12 +261,22 @@ fn ice_restart_moves_a_viewer_to_a_new_address() {
     assert!(viewer.wait_connected(CONNECT));
     assert!(wait_until(CONNECT, || viewer.received().len() > 50));
     let old = viewer.state.local.lock().unwrap().unwrap();
-    assert_eq!(viewer.ice_restart(), 200, "PATCH with new credentials restarts ICE");
-    assert!(wait_until(Duration::from_secs(2), || *viewer.state.local.lock().unwrap() != Some(old)));
+    assert_eq!(
+        viewer.ice_restart(),
+        200,
+        "PATCH with new credentials restarts ICE"
+    );
+    assert!(wait_until(Duration::from_secs(2), || *viewer
+        .state
+        .local
+        .lock()
+        .unwrap()
+        != Some(old)));
     // Media now reaches the new address only if sluice took the new credentials.
     let before = viewer.received().len();
     assert!(
-        wait_until(Duration::from_secs(5), || viewer.received().len() > before + 50),
+        wait_until(Duration::from_secs(5), || viewer.received().len()
+            > before + 50),
         "media continues after the restart, on the new 5-tuple"
     );
     let got = viewer.received();
@@ -275,5 +285,8 @@ fn ice_restart_moves_a_viewer_to_a_new_address() {
     // from sluice's send buffer: after sorting, nothing is missing.
     let mut tail = seqs[seqs.len() - 40..].to_vec();
     tail.sort();
-    assert!(is_sorted_continuous(&tail), "complete after the move: {tail:?}");
+    assert!(
+        is_sorted_continuous(&tail),
+        "complete after the move: {tail:?}"
+    );
 }

@@ -107,6 +107,11 @@ pub enum DropReason {
 ///    `decide` calls.
 /// 5. `now` never goes backwards from one call to the next, and a packet's `arrival` is not
 ///    after `now`. A violation gives odd timestamps, never a panic.
+/// 6. Simulcast: feed only the packets a [`LayerSelector`](super::LayerSelector) lets through.
+///    On `Forward` call `decide`; on `SwitchAndForward` call [`switch_layer`](Self::switch_layer)
+///    instead; on `Drop` call nothing. Pause and resume through the selector, not here, and take
+///    keyframe needs from the selector, plus `needs_keyframe` for the current layer (a new
+///    publisher's SSRC on it is still a source switch found by `decide`).
 ///
 /// Feeding only one source at a time is not required: a new SSRC starts a switch, but for video
 /// the current source keeps being forwarded until the new one delivers a keyframe, and once
@@ -200,6 +205,63 @@ impl Forwarder {
             return Decision::Drop(DropReason::WaitingForKeyframe);
         }
         self.switch_to(p, now)
+    }
+
+    /// A simulcast layer switch: makes `p` the current source's packet to continue from, as the
+    /// [`LayerSelector`](super::LayerSelector) decided (call it instead of
+    /// [`decide`](Self::decide) for the packet on which the selector answered
+    /// [`SwitchAndForward`](super::LayerDecision::SwitchAndForward); every other forwarded
+    /// packet still goes through `decide`).
+    ///
+    /// The selector is the authority here, so unlike a source switch found by `decide`, this
+    /// neither waits for anything nor refuses a recently replaced SSRC (a switch back to the
+    /// layer left a moment ago is normal in simulcast). The outgoing sequence number continues
+    /// from the last one sent. The timestamp continues by the wall-clock time elapsed since the
+    /// last packet sent (at least one tick) for another SSRC; for the SSRC already current (a
+    /// resume on the same layer, after the selector dropped its packets) the source's own
+    /// timestamp mapping is kept, since its clock ran on. Packets of this SSRC older than `p`
+    /// are dropped afterwards as `TooOld`, so the dropped stretch leaves no gap.
+    ///
+    /// While [paused](Self::pause) it switches nothing and drops `p`: with a selector, pause
+    /// through the selector, not the forwarder.
+    #[must_use]
+    pub fn switch_layer(&mut self, p: &SourcePacket, now: Instant) -> Decision {
+        if self.paused {
+            return Decision::Drop(DropReason::Paused);
+        }
+        self.forget_retired(p.ssrc);
+        match self.current.filter(|s| s.ssrc == p.ssrc) {
+            None => self.switch_to(p, now),
+            Some(same) => {
+                let next = self.last_out.map_or(self.first_seq, |l| l.seq + 1);
+                let mut unwrapper = SeqUnwrapper::new();
+                let ext = unwrapper.extend(p.seq);
+                let source = Source {
+                    ssrc: p.ssrc,
+                    seq: unwrapper,
+                    seq_offset: next.wrapping_sub(ext),
+                    ts_offset: same.ts_offset,
+                    base: ext,
+                    highest: ext,
+                    recent: 1,
+                    too_old_run: 0,
+                };
+                let (seq, timestamp) = source.map(ext, p.timestamp);
+                self.current = Some(source);
+                self.switch_pending = None;
+                self.resume_pending = false;
+                self.last_out = Some(LastOut {
+                    seq,
+                    timestamp,
+                    arrival: p.arrival,
+                });
+                Decision::Forward {
+                    seq,
+                    timestamp,
+                    marker: p.marker,
+                }
+            }
+        }
     }
 
     /// Whether a keyframe is needed from the publisher: video only, from the start until a
@@ -1088,5 +1150,104 @@ mod tests {
                 last = Some(run(&mut f, &mut p, &mut t, ms(20), n, out));
             }
         }
+    }
+
+    // ---- simulcast layer switches (switch_layer) ----
+
+    #[test]
+    fn layer_switch_continues_seq_and_advances_ts_by_elapsed_time() {
+        let mut t = Instant::now();
+        let mut f = Forwarder::new(VIDEO, 21);
+        let mut high = Publisher::new(0x41, 1_000, 50_000, 3000);
+        let mut low = Publisher::new(0x40, 30_000, 7_000_000, 3000);
+        let first = forwarded(f.switch_layer(&high.next(true, t), t));
+        assert_eq!(
+            first,
+            (initial_seq(21), 50_000),
+            "first layer passes its timestamp"
+        );
+        let last = run(&mut f, &mut high, &mut t, ms(33), 10, first);
+        // The low layer's keyframe, 12 ms after the last high packet.
+        t += ms(12);
+        let (seq, ts) = forwarded(f.switch_layer(&low.next(true, t), t));
+        assert_eq!((seq, ts), (last.0 + 1, last.1 + 12 * 90));
+        assert_eq!(f.source_ssrc(), Some(0x40));
+        assert!(!f.needs_keyframe());
+        run(&mut f, &mut low, &mut t, ms(33), 10, (seq, ts));
+    }
+
+    #[test]
+    fn layer_switch_back_within_a_second_is_taken() {
+        let mut t = Instant::now();
+        let mut f = Forwarder::new(VIDEO, 22);
+        let mut high = Publisher::new(0x41, 1_000, 0, 3000);
+        let mut low = Publisher::new(0x40, 9_000, 0, 3000);
+        let mut out = forwarded(f.switch_layer(&high.next(true, t), t));
+        out = run(&mut f, &mut high, &mut t, ms(33), 5, out);
+        t += ms(33);
+        low.next(false, t);
+        out = (
+            out.0 + 1,
+            forwarded(f.switch_layer(&low.next(true, t), t)).1,
+        );
+        out = run(&mut f, &mut low, &mut t, ms(33), 5, out);
+        // Back up 200 ms after leaving it. `decide` would take the high layer for a replaced
+        // source's straggler and refuse it; the selector's word is final.
+        t += ms(33);
+        let key = high.next(true, t);
+        assert_eq!(
+            dropped(f.clone().decide(&key, t)),
+            DropReason::TooOld,
+            "why switch_layer exists"
+        );
+        let (seq, _) = forwarded(f.switch_layer(&key, t));
+        assert_eq!(seq, out.0 + 1);
+        assert_eq!(f.source_ssrc(), Some(0x41));
+        let (seq2, _) = forwarded(f.decide(&high.next(false, t + ms(33)), t + ms(33)));
+        assert_eq!(seq2, seq + 1);
+    }
+
+    #[test]
+    fn layer_switch_to_the_same_ssrc_closes_the_gap_and_keeps_its_clock() {
+        let mut t = Instant::now();
+        let mut f = Forwarder::new(VIDEO, 23);
+        let mut a = Publisher::new(0x40, 65_000, u32::MAX - 10_000, 3000);
+        let first = forwarded(f.switch_layer(&a.next(true, t), t));
+        let last = run(&mut f, &mut a, &mut t, ms(33), 5, first);
+        // The selector paused video: 40 000 packets never reach the forwarder (its sequence
+        // numbers wrap meanwhile).
+        for _ in 0..40_000 {
+            t += ms(33);
+            a.next(false, t);
+        }
+        t += ms(33);
+        let key = a.next(true, t);
+        let (seq, ts) = forwarded(f.switch_layer(&key, t));
+        assert_eq!(seq, last.0 + 1, "no gap for what the selector dropped");
+        assert_eq!(
+            ts,
+            last.1.wrapping_add(40_001 * 3000),
+            "the source clock ran on"
+        );
+        run(&mut f, &mut a, &mut t, ms(33), 5, (seq, ts));
+        // A packet from before the resume point would collide with numbers already sent.
+        let old = SourcePacket {
+            seq: key.seq.wrapping_sub(3),
+            ..key
+        };
+        assert_eq!(dropped(f.decide(&old, t)), DropReason::TooOld);
+    }
+
+    #[test]
+    fn layer_switch_while_paused_drops() {
+        let t = Instant::now();
+        let mut f = Forwarder::new(VIDEO, 24);
+        let a = Publisher::new(0x40, 5, 0, 3000);
+        f.pause();
+        assert_eq!(
+            dropped(f.switch_layer(&a.packet(true, t), t)),
+            DropReason::Paused
+        );
+        assert_eq!(f.source_ssrc(), None);
     }
 }
