@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod serve;
 pub mod sfu;
 pub mod shard;
+pub mod turn;
 
 /// Identifies one shard (one pinned core) of the data plane.
 pub type ShardId = usize;

@@ -76,7 +76,10 @@ pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
     start_with(config, None)
 }
 
-fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn std::error::Error>> {
+fn start_with(
+    mut config: Config,
+    hooks: Option<Hooks>,
+) -> Result<Server, Box<dyn std::error::Error>> {
     let shards = config.effective_shards();
     if shards == 0 || shards > 64 {
         return Err(format!("media.shards must be 1..=64, got {shards}").into());
@@ -142,6 +145,33 @@ fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn st
     );
 
     let io_backend = handles[0].io_backend;
+
+    // The embedded TURN server, bound now so a port in use fails the start.
+    let turn = if config.turn.enabled {
+        if config.turn.secret.is_none() && config.turn.static_users.is_empty() {
+            tracing::warn!(
+                "turn.secret is not set: using a random secret for this process (credentials are \
+                 handed out in WHIP/WHEP Link headers; set turn.secret to share them with other services)"
+            );
+            config.turn.secret = Some(crate::turn::credentials::random_secret());
+        }
+        // The embedded TURN server exists to reach this SFU: its own media sockets (exactly those
+        // addresses and ports) are allowed peers even when private or loopback.
+        let mut server = crate::turn::server::TurnServer::bind(config.turn.clone())
+            .map_err(|e| format!("turn.listen {}: {e}", config.turn.listen))?;
+        let mut own: Vec<SocketAddr> = announced.iter().flatten().copied().collect();
+        own.extend(handles.iter().flat_map(|h| h.local_addrs.iter().copied()));
+        own.sort();
+        own.dedup();
+        server.allow_own_peers(own);
+        Some(server)
+    } else {
+        None
+    };
+    let turn_addr = match &turn {
+        Some(t) => Some(t.local_addr()?),
+        None => None,
+    };
     if config.auth.jwt_secret.is_none() {
         tracing::warn!(
             "auth.jwt_secret is not set: anyone who can reach {} may publish and watch. Set it (or SLUICE_AUTH_JWT_SECRET) to require tokens",
@@ -163,6 +193,8 @@ fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn st
         template,
         metrics: crate::metrics::export::Exporter::new(io_backend),
         mesh,
+        turn_stats: Arc::new(crate::turn::TurnStats::default()),
+        turn_addr,
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let ctl = control.clone();
@@ -173,7 +205,14 @@ fn start_with(config: Config, hooks: Option<Hooks>) -> Result<Server, Box<dyn st
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(control_thread(ctl, listener, events_rx, shutdown_rx, hooks));
+            rt.block_on(control_thread(
+                ctl,
+                listener,
+                events_rx,
+                shutdown_rx,
+                hooks,
+                turn,
+            ));
         })?;
     tracing::info!(%http_addr, "signaling listening");
     Ok(Server {
@@ -202,9 +241,24 @@ async fn control_thread(
     mut events_rx: tokio::sync::mpsc::Receiver<crate::shard::ShardEvent>,
     shutdown_rx: tokio::sync::oneshot::Receiver<()>,
     hooks: Option<Hooks>,
+    turn: Option<crate::turn::server::TurnServer>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
+    let (turn_stop, turn_stop_rx) = tokio::sync::watch::channel(false);
+    let turn_secret = ctl.live.lock().expect("live").turn_secret.clone();
+    let (turn_secrets, turn_secrets_rx) = tokio::sync::watch::channel(turn_secret);
+    let turn_task = turn.map(|t| {
+        let stats = ctl.turn_stats.clone();
+        tokio::spawn(async move {
+            if let Err(e) = t
+                .run_with_secrets(stats, turn_stop_rx, turn_secrets_rx)
+                .await
+            {
+                tracing::error!(error = %e, "TURN server failed");
+            }
+        })
+    });
     let events_ctl = ctl.clone();
     tokio::spawn(async move {
         while let Some(ev) = events_rx.recv().await {
@@ -246,7 +300,15 @@ async fn control_thread(
                     _ = &mut shutdown_rx => break false,
                     _ = term.recv() => { tracing::info!("SIGTERM: draining"); break true }
                     _ = int.recv() => { tracing::info!("SIGINT: draining"); break true }
-                    _ = hup.recv() => reload(&ctl, &hooks),
+                    _ = hup.recv() => {
+                        reload(&ctl, &hooks);
+                        let secret = ctl.live.lock().expect("live").turn_secret.clone();
+                        turn_secrets.send_if_modified(|s| {
+                            let changed = *s != secret;
+                            *s = secret;
+                            changed
+                        });
+                    }
                 }
             }
         }
@@ -256,6 +318,11 @@ async fn control_thread(
     }
     let _ = stop_http.send(());
     let _ = http.await;
+    // TURN relays media of the sessions kept through the drain, so it stops last.
+    let _ = turn_stop.send(true);
+    if let Some(t) = turn_task {
+        let _ = t.await;
+    }
     for s in &ctl.shards {
         let _ = s.send(ShardCommand::Shutdown);
     }
@@ -323,6 +390,9 @@ fn reload(ctl: &SharedControl, hooks: &Hooks) {
             _ => "auth.jwt_secret replaced".to_string(),
         });
     }
+    if new.turn.secret != old.turn.secret && new.turn.secret.is_some() {
+        changed.push("turn.secret replaced".to_string());
+    }
     if new.limits.drain_timeout_ms != old.limits.drain_timeout_ms {
         changed.push(format!(
             "limits.drain_timeout_ms {} -> {}",
@@ -344,7 +414,15 @@ fn reload(ctl: &SharedControl, hooks: &Hooks) {
     if !restart_only.is_empty() {
         tracing::warn!(keys = ?restart_only, "changed in the configuration but only applied at restart");
     }
-    ctl.live.lock().expect("live").apply(new);
+    let mut live = ctl.live.lock().expect("live");
+    // A TURN secret generated at start stays unless the file now sets one.
+    let keep_turn_secret = new.turn.secret.is_none();
+    let turn_secret = live.turn_secret.clone();
+    live.apply(new);
+    if keep_turn_secret {
+        live.turn_secret = turn_secret;
+    }
+    drop(live);
     if changed.is_empty() {
         tracing::info!("reload: nothing that can change live has changed");
     } else {

@@ -34,6 +34,7 @@ fn spawn(config: &std::path::Path) -> Sluice {
         .env("SLUICE_MEDIA_SHARDS", "1")
         .env("SLUICE_MEDIA_LISTEN_IPS", "127.0.0.1")
         .env("SLUICE_MEDIA_PIN_CORES", "false")
+        .env("SLUICE_TURN_LISTEN", "127.0.0.1:0")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -214,6 +214,42 @@ fn negotiation_failed(c: &SharedControl, e: NegotiationError) -> Response {
     text(StatusCode::BAD_REQUEST, e.to_string())
 }
 
+/// RFC 9725 `Link: <turn:...>; rel="ice-server"` values with short-lived TURN REST credentials,
+/// one user per session so per-user quotas stay per client. Empty when TURN is off.
+fn ice_server_links(c: &SharedControl, headers: &HeaderMap, user: &str) -> Vec<String> {
+    let (Some(addr), Some(secret)) = (
+        c.turn_addr,
+        c.live.lock().expect("live").turn_secret.clone(),
+    ) else {
+        return Vec::new();
+    };
+    let host = match &c.config.turn.public_host {
+        Some(h) => h.clone(),
+        None => headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| crate::turn::credentials::host_of(h).to_owned())
+            .unwrap_or_else(|| addr.ip().to_string()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let ttl = std::time::Duration::from_secs(c.config.turn.credential_ttl_s);
+    let (username, credential) =
+        crate::turn::credentials::rest_credentials(&secret, user, ttl, now);
+    crate::turn::credentials::link_headers(&host, addr.port(), &username, &credential).to_vec()
+}
+
+fn with_links(mut r: Response, links: Vec<String>) -> Response {
+    for l in links {
+        if let Ok(v) = HeaderValue::from_str(&l) {
+            r.headers_mut().append(header::LINK, v);
+        }
+    }
+    r
+}
+
 fn created(
     kind: SessionKind,
     stream: &str,
@@ -323,7 +359,11 @@ async fn whip(
     c.broadcast(updates);
     c.metrics.signaling.with_label_values(&["created"]).inc();
     tracing::info!(%session, %stream, shard, "publisher created");
-    created(SessionKind::Publish, &stream, session, &etag, n.answer)
+    let links = ice_server_links(&c, &headers, &session.to_string());
+    with_links(
+        created(SessionKind::Publish, &stream, session, &etag, n.answer),
+        links,
+    )
 }
 
 async fn whep(
@@ -420,12 +460,19 @@ async fn whep(
     }
     c.metrics.signaling.with_label_values(&["created"]).inc();
     tracing::info!(%session, %stream, shard, "viewer created");
-    created(SessionKind::Play, &stream, session, &etag, n.answer)
+    let links = ice_server_links(&c, &headers, &session.to_string());
+    with_links(
+        created(SessionKind::Play, &stream, session, &etag, n.answer),
+        links,
+    )
 }
 
-async fn options(State(c): State<SharedControl>) -> Response {
-    let _ = &c;
-    (
+/// `OPTIONS`: what the endpoint accepts, and the ICE servers a client should use (RFC 9725
+/// section 4.6), with credentials for an anonymous user of this request.
+async fn options(State(c): State<SharedControl>, headers: HeaderMap) -> Response {
+    let user = format!("options-{:08x}", rand::random::<u32>());
+    let links = ice_server_links(&c, &headers, &user);
+    let r = (
         StatusCode::NO_CONTENT,
         [
             (
@@ -435,7 +482,8 @@ async fn options(State(c): State<SharedControl>) -> Response {
             (header::ALLOW, "OPTIONS, POST"),
         ],
     )
-        .into_response()
+        .into_response();
+    with_links(r, links)
 }
 
 /// The first `a=<name>:` value in an SDP or SDP fragment.
@@ -728,11 +776,9 @@ async fn metrics(State(c): State<SharedControl>) -> Response {
             ring_depths: c.mesh.depths(),
         }
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics.render(&stats, &gauges),
-    )
-        .into_response()
+    let mut text = c.metrics.render(&stats, &gauges);
+    c.turn_stats.write_prometheus(&mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Count every request by route template and status.

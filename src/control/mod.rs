@@ -34,6 +34,9 @@ pub struct Control {
     pub template: PeerTemplate,
     pub metrics: crate::metrics::export::Exporter,
     pub mesh: Arc<crate::mesh::Mesh>,
+    pub turn_stats: Arc<crate::turn::TurnStats>,
+    /// Where the embedded TURN server listens (UDP and TCP), when it runs.
+    pub turn_addr: Option<SocketAddr>,
 }
 
 pub type SharedControl = Arc<Control>;
@@ -46,6 +49,8 @@ pub struct Live {
     pub drain_timeout_ms: u64,
     /// HS256 secret of WHIP/WHEP/`/ws` tokens; `None` = open.
     pub jwt_secret: Option<String>,
+    /// TURN REST API shared secret for the credentials handed out in Link headers.
+    pub turn_secret: Option<String>,
 }
 
 impl Live {
@@ -54,6 +59,7 @@ impl Live {
             max_peers: config.limits.max_peers,
             drain_timeout_ms: config.limits.drain_timeout_ms,
             jwt_secret: config.auth.jwt_secret.clone(),
+            turn_secret: config.turn.secret.clone(),
             config,
         }
     }

@@ -42,6 +42,8 @@ pub fn config(shards: usize, io: IoBackend) -> Config {
     c.media.listen_ips = vec!["127.0.0.1".parse().unwrap()];
     c.media.port_base = port_base();
     c.media.pin_cores = false;
+    // Any free port: tests run in parallel, and 3478 may be taken.
+    c.turn.listen = "127.0.0.1:0".parse().unwrap();
     c
 }
 
