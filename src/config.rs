@@ -966,6 +966,25 @@ impl Config {
         toml::to_string(self).expect("config serializes to TOML")
     }
 
+    /// The effective configuration as `check-config` prints it: secrets (`auth.jwt_secret`,
+    /// `turn.secret`, static TURN passwords) replaced by `<redacted>`, so the output can be pasted
+    /// into a ticket or a log.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut c = self.clone();
+        if c.auth.jwt_secret.is_some() {
+            c.auth.jwt_secret = Some("<redacted>".into());
+        }
+        if c.turn.secret.is_some() {
+            c.turn.secret = Some("<redacted>".into());
+        }
+        for u in &mut c.turn.static_users {
+            if let Some((user, _)) = u.split_once(':') {
+                *u = format!("{user}:<redacted>");
+            }
+        }
+        c.to_toml()
+    }
+
     /// A commented TOML file documenting every key (help, env var, flag) with its default;
     /// loading it gives `Config::default()`.
     pub fn reference_toml() -> String {
@@ -1615,6 +1634,19 @@ mod tests {
         let errors = load_file("[http]\nlisten = \n", &[], &[]).unwrap_err();
         assert_eq!(keys_of(&errors), ["config"]);
         assert!(errors[0].message.contains(".toml:2:"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn redacted_output_hides_every_secret() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some("jwt-secret-value-123456".into());
+        c.turn.secret = Some("turn-secret-value".into());
+        c.turn.static_users = vec!["alice:alice-password".into()];
+        let out = c.to_toml_redacted();
+        for secret in ["jwt-secret-value-123456", "turn-secret-value", "alice-password"] {
+            assert!(!out.contains(secret), "{secret} printed:\n{out}");
+        }
+        assert!(out.contains("alice:<redacted>"));
     }
 
     #[test]

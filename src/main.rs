@@ -262,7 +262,7 @@ fn main() -> ExitCode {
         }
         Cmd::CheckConfig(args) => match args.load() {
             Ok(config) => {
-                print!("{}", config.to_toml());
+                print!("{}", config.to_toml_redacted());
                 ExitCode::SUCCESS
             }
             Err(errors) => {
