@@ -1643,7 +1643,11 @@ mod tests {
         c.turn.secret = Some("turn-secret-value".into());
         c.turn.static_users = vec!["alice:alice-password".into()];
         let out = c.to_toml_redacted();
-        for secret in ["jwt-secret-value-123456", "turn-secret-value", "alice-password"] {
+        for secret in [
+            "jwt-secret-value-123456",
+            "turn-secret-value",
+            "alice-password",
+        ] {
             assert!(!out.contains(secret), "{secret} printed:\n{out}");
         }
         assert!(out.contains("alice:<redacted>"));
