@@ -1,1 +1,276 @@
-fn main() {}
+//! sluice-loadgen: simulated WebRTC publishers and subscribers, thread-per-core on glommio, that
+//! join sluice through WHIP and WHEP exactly as outside clients do, and measure delivery,
+//! one-way latency, join time, and the SFU's packets per CPU-second.
+//!
+//! Exit status: 0 the scenario ran (whatever it measured), 1 it could not (SFU unreachable, no
+//! publisher joined, overran its bound), 2 the scenario is not available yet.
+
+mod accounting;
+mod clock;
+mod collect;
+mod http;
+mod media;
+mod peer;
+mod probe;
+mod report;
+mod run;
+mod sfu;
+mod shard;
+mod udp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::media::VideoConfig;
+use crate::run::{Options, Outcome, Scenario};
+use crate::shard::MediaPlan;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-loadgen",
+    version,
+    about = "Load generator and capacity benchmark for sluice"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: ScenarioCmd,
+}
+
+#[derive(Subcommand)]
+enum ScenarioCmd {
+    /// P publishers (video and audio), S subscribers each.
+    Fanout {
+        #[arg(long, default_value_t = 1)]
+        publishers: u32,
+        /// Subscribers per publisher.
+        #[arg(long, default_value_t = 10)]
+        subscribers: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Many audio-only streams: P publishers, S subscribers each.
+    Audio {
+        #[arg(long, default_value_t = 50)]
+        publishers: u32,
+        /// Subscribers per publisher.
+        #[arg(long, default_value_t = 10)]
+        subscribers: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Add video subscribers at --rate until loss or p99 latency exceeds its limit for two
+    /// seconds in a row, and report the last good point as the capacity.
+    Ramp {
+        #[arg(long, default_value_t = 1)]
+        publishers: u32,
+        /// Subscribers added per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Loss ratio limit (0.005 = 0.5 %).
+        #[arg(long, default_value_t = 0.005)]
+        max_loss: f64,
+        /// p99 one-way latency limit, milliseconds.
+        #[arg(long, default_value_t = 50.0)]
+        max_p99: f64,
+        /// Stop adding here even below the limits.
+        #[arg(long, default_value_t = 20_000)]
+        max_subscribers: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Everyone publishes and subscribes to everyone (needs rooms, issue 4).
+    Meeting {
+        #[arg(long, default_value_t = 5)]
+        participants: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// sluice's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Measurement window in seconds (ramp: the longest it may run).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Load generator cores: one pinned glommio executor each, on the CPUs this process may use.
+    #[arg(long, default_value_t = 1)]
+    cores: usize,
+    /// The SFU's process id: its CPU time and RSS are read from /proc.
+    #[arg(long)]
+    sfu_pid: Option<u32>,
+    /// The SFU's Prometheus endpoint [default: URL/metrics].
+    #[arg(long)]
+    sfu_metrics: Option<String>,
+    /// Write the summary as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw latency and throughput over time as SVG here.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Free text stored in the JSON (e.g. the SFU's I/O backend).
+    #[arg(long)]
+    label: Option<String>,
+    /// Video bitrate per publisher, bits/s.
+    #[arg(long, default_value_t = 1_500_000)]
+    video_bitrate: u64,
+    /// Seconds between keyframes.
+    #[arg(long, default_value_t = 2.0)]
+    keyframe_interval: f64,
+    /// Audio bitrate per publisher, bits/s (50 packets/s).
+    #[arg(long, default_value_t = 32_000)]
+    audio_bitrate: u64,
+    /// Subscribers started per second before the window (fanout, audio); 0 = all at once.
+    #[arg(long, default_value_t = 200.0)]
+    join_rate: f64,
+    /// Seconds a peer may take from its POST to its first media packet.
+    #[arg(long, default_value_t = 15.0)]
+    join_timeout: f64,
+    /// Joins in progress (POST to DTLS connected) per loadgen core.
+    #[arg(long, default_value_t = 16)]
+    max_concurrent_joins: u64,
+    /// Stream names are PREFIX<pid>-<publisher>.
+    #[arg(long, default_value = "lg-")]
+    stream_prefix: String,
+    /// No status line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Common {
+    fn options(&self, video: bool) -> Result<Options, String> {
+        if !(self.duration > 0.0 && self.duration.is_finite()) {
+            return Err("--duration must be positive".into());
+        }
+        if !(self.keyframe_interval > 0.0 && self.keyframe_interval.is_finite()) {
+            return Err("--keyframe-interval must be positive".into());
+        }
+        if !(self.join_timeout > 0.0 && self.join_timeout.is_finite()) {
+            return Err("--join-timeout must be positive".into());
+        }
+        if self.cores == 0 {
+            return Err("--cores must be at least 1".into());
+        }
+        Ok(Options {
+            url: self.url.trim_end_matches('/').to_string(),
+            duration: Duration::from_secs_f64(self.duration),
+            cores: self.cores,
+            sfu_pid: self.sfu_pid,
+            sfu_metrics: self.sfu_metrics.clone(),
+            json: self.json.clone(),
+            chart: self.chart.clone(),
+            label: self.label.clone(),
+            join_timeout: Duration::from_secs_f64(self.join_timeout),
+            join_rate: self.join_rate,
+            max_concurrent_joins: self.max_concurrent_joins,
+            plan: MediaPlan {
+                video: video.then_some(VideoConfig {
+                    bitrate_bps: self.video_bitrate,
+                    fps: 30,
+                    keyframe_interval: Duration::from_secs_f64(self.keyframe_interval),
+                }),
+                audio_bytes: Some((self.audio_bitrate / 8 / media::AUDIO_PPS) as usize),
+            },
+            stream_prefix: self.stream_prefix.clone(),
+            quiet: self.quiet,
+        })
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let (name, scenario, common, video) = match cli.scenario {
+        ScenarioCmd::Fanout {
+            publishers,
+            subscribers,
+            common,
+        } => (
+            "fanout",
+            Scenario::Fanout {
+                publishers,
+                subscribers,
+            },
+            common,
+            true,
+        ),
+        ScenarioCmd::Audio {
+            publishers,
+            subscribers,
+            common,
+        } => (
+            "audio",
+            Scenario::Fanout {
+                publishers,
+                subscribers,
+            },
+            common,
+            false,
+        ),
+        ScenarioCmd::Ramp {
+            publishers,
+            rate,
+            max_loss,
+            max_p99,
+            max_subscribers,
+            common,
+        } => (
+            "ramp",
+            Scenario::Ramp {
+                publishers,
+                rate,
+                max_loss,
+                max_p99_ms: max_p99,
+                max_subscribers,
+            },
+            common,
+            true,
+        ),
+        ScenarioCmd::Meeting { participants, .. } => {
+            eprintln!(
+                "meeting ({participants} participants) needs rooms (issue 4), which sluice does not have yet"
+            );
+            std::process::exit(2);
+        }
+    };
+    if matches!(
+        scenario,
+        Scenario::Fanout { publishers: 0, .. } | Scenario::Ramp { publishers: 0, .. }
+    ) {
+        eprintln!("error: --publishers must be at least 1");
+        std::process::exit(1);
+    }
+    let opts = match common.options(video) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let (json, chart) = (opts.json.clone(), opts.chart.clone());
+    let (summary, outcome) = run::run(name, scenario, opts);
+    println!("{}", summary.table());
+    let mut failed = false;
+    if let Some(path) = json {
+        if let Err(e) = summary.write_json(&path) {
+            eprintln!("error: {e}");
+            failed = true;
+        }
+    }
+    if let Some(path) = chart {
+        if let Err(e) = report::chart(&summary, &path) {
+            eprintln!("warning: {e}");
+        }
+    }
+    match outcome {
+        Outcome::Complete if !failed => {}
+        Outcome::Complete => std::process::exit(1),
+        Outcome::Aborted(reason) => {
+            eprintln!("error: run aborted: {reason}");
+            std::process::exit(1)
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Clocks and CPU accounting: the host monotonic clock that every probe is stamped with (readable
+//! by any process on the host, unlike `Instant`), this process's CPU time, and another process's
+//! CPU time and memory from `/proc`.
+
+use std::time::Duration;
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the host, so a publisher
+/// and a subscriber in different processes (or threads) can subtract their readings.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// User plus system CPU time this process has used, every thread included.
+pub fn self_cpu() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value to be overwritten.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The CPUs this process may run on (what `taskset` gave it), in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid and its size is passed; pid 0 is this thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+/// Raise the open-file limit to its hard maximum (each simulated peer holds two descriptors)
+/// and return the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: an all-zero rlimit is a valid value to be overwritten.
+    let mut l: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `l` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return 0;
+    }
+    if l.rlim_cur < l.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: l.rlim_max,
+            rlim_max: l.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit no higher than the hard limit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur as u64;
+        }
+    }
+    l.rlim_cur as u64
+}
+
+/// CPU and memory of another process (the SFU), read from `/proc/PID`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcSample {
+    /// CPU time of every live thread (utime + stime of all threads, exited ones included, in
+    /// clock ticks, when per-thread figures are not available).
+    pub cpu: Duration,
+    /// Resident set size.
+    pub rss_bytes: u64,
+}
+
+pub fn proc_sample(pid: u32) -> std::io::Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let ticks = parse_stat_cpu(&stat).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable /proc/PID/stat")
+    })?;
+    // Nanoseconds per live thread beat 10 ms clock ticks for short windows; the SFU's threads
+    // live as long as it does.
+    let cpu = threads_cpu(pid).unwrap_or(ticks);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(ProcSample {
+        cpu,
+        rss_bytes: rss_kb * 1024,
+    })
+}
+
+/// CPU time of every live thread of `pid`, in nanoseconds (`/proc/PID/task/*/schedstat`).
+fn threads_cpu(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = entry.ok()?.path().join("schedstat");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue; // the thread just exited
+        };
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// utime + stime from the text of `/proc/PID/stat` (fields 14 and 15, after the command name,
+/// which may itself hold spaces and parentheses).
+fn parse_stat_cpu(stat: &str) -> Option<Duration> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime is field 14.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = utime + stime;
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_moves_forward() {
+        let a = mono_ns();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = mono_ns();
+        assert!(b >= a + 2_000_000);
+    }
+
+    #[test]
+    fn stat_cpu_survives_odd_command_names() {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let line = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
+        let cpu = parse_stat_cpu(line).unwrap();
+        assert_eq!(cpu, Duration::from_nanos(300 * 1_000_000_000 / hz));
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let s = proc_sample(std::process::id()).unwrap();
+        assert!(s.rss_bytes > 0);
+        assert!(!allowed_cpus().is_empty());
+    }
+
+    #[test]
+    fn per_thread_cpu_agrees_with_getrusage() {
+        // Burn CPU (not wall time: the machine may be busy) so both clocks have something to show.
+        let start = self_cpu();
+        let mut x = 0u64;
+        while self_cpu() < start + Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let threads = threads_cpu(std::process::id()).unwrap();
+        let rusage = self_cpu();
+        // The running thread's share is folded in at the next tick; exited test threads are
+        // in getrusage only.
+        assert!(threads >= Duration::from_millis(10), "{threads:?}");
+        assert!(
+            threads <= rusage + Duration::from_millis(20),
+            "{threads:?} {rusage:?}"
+        );
+    }
+}

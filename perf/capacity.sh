@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# Capacity benchmark for sluice: builds release, pins sluice and sluice-loadgen to separate CPUs,
+# runs the standard set, and appends one row per run to perf/RESULTS.md (charts in perf/charts/).
+#
+#   perf/capacity.sh                 # the standard set, sized for a 2-CPU machine
+#   SFU_CPUS=2-5 LG_CPUS=6-15 FANOUT_SUBS=2000 perf/capacity.sh   # a bigger box
+#
+# Everything runs on loopback (127.0.0.1) and every step is bounded in time. See perf/README.md.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+NCPU=$(nproc)
+SFU_CPUS=${SFU_CPUS:-0}
+LG_CPUS=${LG_CPUS:-$([ "$NCPU" -gt 1 ] && echo "1-$((NCPU - 1))" || echo 0)}
+DURATION=${DURATION:-10}
+FANOUT_SUBS=${FANOUT_SUBS:-150}
+AUDIO_PUBS=${AUDIO_PUBS:-20}
+AUDIO_SUBS=${AUDIO_SUBS:-25}
+RAMP_RATE=${RAMP_RATE:-10}
+RAMP_SECONDS=${RAMP_SECONDS:-90}
+RAMP_MAX_P99_MS=${RAMP_MAX_P99_MS:-50}
+HTTP_PORT=${HTTP_PORT:-18480}
+MEDIA_PORT=${MEDIA_PORT:-42000}
+PROFILE=${PROFILE:-0}
+RESULTS=${RESULTS:-perf/RESULTS.md}
+CHARTS=${CHARTS:-perf/charts}
+OUT=${OUT:-target/perf/$(date +%Y%m%d-%H%M%S)}
+SLUICE=target/release/sluice
+LOADGEN=target/release/sluice-loadgen
+
+# Number of CPUs in a taskset list such as "1-3,6".
+count_cpus() {
+    local n=0 part
+    IFS=, read -ra parts <<<"$1"
+    for part in "${parts[@]}"; do
+        if [[ $part == *-* ]]; then n=$((n + ${part#*-} - ${part%-*} + 1)); else n=$((n + 1)); fi
+    done
+    echo "$n"
+}
+SFU_SHARDS=${SFU_SHARDS:-$(count_cpus "$SFU_CPUS")}
+LG_CORES=${LG_CORES:-$(count_cpus "$LG_CPUS")}
+
+mkdir -p "$OUT" "$CHARTS"
+echo "== building release (sluice and sluice-loadgen)"
+cargo build --release -p sluice -p sluice-loadgen
+
+# ---- host tuning, restored on exit ----
+declare -A SAVED=()
+tune() {
+    local key=$1 want=$2 file=/proc/sys/${1//.//}
+    [ -w "$file" ] || { echo "   (cannot set $key: not writable; run as root for best results)"; return 0; }
+    local cur; cur=$(cat "$file")
+    if [ "$cur" -lt "$want" ]; then
+        SAVED[$key]=$cur
+        echo "$want" >"$file"
+        echo "   $key: $cur -> $want"
+    fi
+}
+restore() {
+    local key
+    for key in "${!SAVED[@]}"; do echo "${SAVED[$key]}" >"/proc/sys/${key//.//}" || true; done
+}
+SFU_PID=
+cleanup() {
+    if [ -n "$SFU_PID" ] && kill -0 "$SFU_PID" 2>/dev/null; then kill -KILL "$SFU_PID" || true; fi
+    restore
+}
+trap cleanup EXIT
+echo "== tuning (loopback datagram buffers and backlog)"
+tune net.core.rmem_max 16777216
+tune net.core.wmem_max 16777216
+tune net.core.netdev_max_backlog 10000
+
+MACHINE="$NCPU CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), kernel $(uname -r)"
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain 2>/dev/null | grep -v '^??' || true)" ]; then COMMIT="$COMMIT+dirty"; fi
+DATE=$(date -u +%Y-%m-%dT%H:%MZ)
+
+start_sluice() {
+    local io=$1
+    SLUICE_HTTP_LISTEN=127.0.0.1:$HTTP_PORT \
+    SLUICE_MEDIA_PORT_BASE=$MEDIA_PORT \
+    SLUICE_MEDIA_SHARDS=$SFU_SHARDS \
+    SLUICE_MEDIA_LISTEN_IPS=127.0.0.1 \
+    SLUICE_MEDIA_IO=$io \
+    SLUICE_MEDIA_PIN_CORES=false \
+    SLUICE_TURN_ENABLED=false \
+    SLUICE_LIMITS_MAX_PEERS=50000 \
+    SLUICE_LOG_LEVEL=warn \
+        taskset -c "$SFU_CPUS" "$SLUICE" serve >"$OUT/sluice-$io.log" 2>&1 &
+    SFU_PID=$!
+    local i
+    for i in $(seq 100); do
+        if curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    echo "sluice did not start; its log:" >&2
+    cat "$OUT/sluice-$io.log" >&2
+    exit 1
+}
+
+stop_sluice() {
+    [ -n "$SFU_PID" ] || return 0
+    kill -TERM "$SFU_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 100); do kill -0 "$SFU_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SFU_PID" 2>/dev/null || true
+    wait "$SFU_PID" 2>/dev/null || true
+    SFU_PID=
+}
+
+ensure_results() {
+    [ -f "$RESULTS" ] && return 0
+    cat >"$RESULTS" <<'EOF'
+# sluice capacity results
+
+Rows are appended by `perf/capacity.sh` (see `perf/README.md`). Columns: egress packets per SFU
+CPU-second (`sluice_rtp_forwarded_packets_total` over the SFU's CPU time from /proc), SFU egress
+packets/s, delivered ratio, one-way latency at the subscriber's socket, join time (POST to first
+media), SFU RSS growth per peer, and the load generator's own CPU share of its cores.
+
+## Runs
+
+| date | commit | machine | command | io | egress pps per SFU CPU-s | SFU egress pps | delivered | latency p50 / p99 / p99.9 (us) | join p50 / p99 (ms) | RSS per peer (KiB) | loadgen CPU | notes |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+EOF
+}
+
+# append_row JSON COMMAND IO [NOTE]
+append_row() {
+    python3 - "$1" "$2" "$3" "${4:-}" "$DATE" "$COMMIT" "$MACHINE" "$LG_CORES" >>"$RESULTS" <<'EOF'
+import json, sys
+path, command, io, note, date, commit, machine, lg_cores = sys.argv[1:9]
+s = json.load(open(path))
+def num(v, fmt="{:.0f}"):
+    return "n/a" if v is None else fmt.format(v)
+l, j = s["latency_us"], s["join_ms"]
+notes = []
+if note.startswith("@ratio:"):
+    # This is the mmsg baseline; the ratio is uring's figure over this one, same run.
+    try:
+        u = json.load(open(note[len("@ratio:"):]))["egress_pps_per_sfu_core"]
+    except OSError:
+        u = None
+    m = s["egress_pps_per_sfu_core"]
+    notes.append("uring/mmsg egress per CPU-s = " + ("n/a" if not u or not m else f"{u / m:.2f}"))
+elif note:
+    notes.append(note)
+fl = s.get("sfu_forward_latency_us")
+if fl:
+    notes.append(f"sluice's own forward latency p50/p99 {fl['p50']:.0f}/{fl['p99']:.0f} us")
+if s.get("loadgen_saturated"):
+    notes.append("loadgen saturated")
+if s.get("capacity"):
+    c = s["capacity"]
+    notes.append(f"capacity {c['subscribers']} subscribers ({c['stopped_by']})")
+fails = sum(f["count"] for f in s["failures"])
+if fails:
+    notes.append(f"{fails} failures: " + "; ".join(f"{f['count']}x {f['reason']}" for f in s["failures"][:3]))
+window = max(s["duration_s"], 1e-9)
+lg_share = s["loadgen_cpu_seconds"] / (window * max(int(lg_cores), 1))
+rss = s.get("sfu_rss_per_peer_bytes")
+cells = [
+    date, commit, machine, f"`{command}`", io,
+    num(s["egress_pps_per_sfu_core"]), num(s["sfu_egress_pps"]),
+    f"{s['delivered_ratio'] * 100:.3f} %",
+    f"{l['p50']} / {l['p99']} / {l['p999']}",
+    f"{j['p50']:.0f} / {j['p99']:.0f}",
+    num(None if rss is None else rss / 1024, "{:.1f}"),
+    f"{lg_share * 100:.0f} % of {lg_cores}",
+    "; ".join(notes).replace("|", "/"),
+]
+print("| " + " | ".join(cells) + " |")
+EOF
+}
+
+json_get() { python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'s': s}))" "$1" "$2"; }
+
+# run_case NAME IO NOTE LOADGEN-ARGS...
+run_case() {
+    local name=$1 io=$2 note=$3
+    shift 3
+    local json=$OUT/$name.json chart=$CHARTS/$name.svg
+    echo "== $name ($io): sluice-loadgen $*"
+    start_sluice "$io"
+    local perf_pid=
+    if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
+        # Sample the SFU for most of the window, after joins have settled.
+        ( sleep $((DURATION / 2 + 5)); timeout $((DURATION / 2 + 5)) perf record -e cpu-clock -g \
+            -p "$SFU_PID" -o "$OUT/$name.perf.data" -- sleep $((DURATION / 2)) ) >"$OUT/$name.perf.log" 2>&1 &
+        perf_pid=$!
+    fi
+    local rc=0
+    timeout $((DURATION * 4 + RAMP_SECONDS + 300)) taskset -c "$LG_CPUS" "$LOADGEN" "$@" \
+        --url "http://127.0.0.1:$HTTP_PORT" --cores "$LG_CORES" --sfu-pid "$SFU_PID" \
+        --json "$json" --chart "$chart" --label "$io" --quiet || rc=$?
+    [ -n "$perf_pid" ] && wait "$perf_pid" || true
+    stop_sluice
+    [ -f "$chart" ] && cp "$chart" "$OUT/" || true
+    if [ ! -f "$json" ]; then
+        echo "   $name produced no JSON (exit $rc)" >&2
+        return 0
+    fi
+    append_row "$json" "sluice-loadgen $* --cores $LG_CORES" "$io" "$note"
+    if [ -f "$OUT/$name.perf.data" ]; then
+        perf report -i "$OUT/$name.perf.data" --no-children --sort symbol --stdio 2>/dev/null \
+            | grep -E '^ +[0-9]' | head -40 >"$OUT/$name.profile.txt" || true
+        echo "   profile: $OUT/$name.profile.txt"
+    fi
+}
+
+ensure_results
+echo "== machine: $MACHINE; sluice on CPU(s) $SFU_CPUS ($SFU_SHARDS shard(s)), loadgen on $LG_CPUS ($LG_CORES core(s)); out: $OUT"
+
+run_case fanout-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
+run_case fanout-mmsg mmsg "@ratio:$OUT/fanout-uring.json" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
+run_case audio-uring uring "" audio --publishers "$AUDIO_PUBS" --subscribers "$AUDIO_SUBS" --duration "$DURATION"
+run_case ramp-uring uring "" ramp --publishers 1 --rate "$RAMP_RATE" --max-p99 "$RAMP_MAX_P99_MS" --duration "$RAMP_SECONDS"
+if [ -f "$OUT/ramp-uring.json" ]; then
+    CAP=$(json_get "$OUT/ramp-uring.json" "(s.get('capacity') or {}).get('subscribers', 0)")
+    HALF=$(( CAP / 2 ))
+    if [ "$HALF" -ge 1 ]; then
+        run_case fanout-half-uring uring "half of the ramp's capacity ($CAP)" \
+            fanout --publishers 1 --subscribers "$HALF" --duration "$DURATION"
+    fi
+fi
+echo "== done: rows appended to $RESULTS, charts in $CHARTS/, JSON and logs in $OUT/"
