@@ -520,7 +520,7 @@ step "building sluice"
 BIN="${SLUICE_BIN:-}"
 if [ -z "$BIN" ]; then
     if timeout 1200 cargo build -q --bin sluice >"$WORK/build.log" 2>&1; then
-        BIN="$ROOT/target/debug/sluice"
+        BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sluice"
     else
         fail "build: cargo build --bin sluice failed"; show "$WORK/build.log"
     fi

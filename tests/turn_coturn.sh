@@ -36,7 +36,7 @@ if [ -z "${SLUICE_BIN:-}" ]; then
         fail "build" "cargo build --bin sluice failed"
         finish
     fi
-    SLUICE_BIN="$PWD/target/debug/sluice"
+    SLUICE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/sluice"
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-turn-test.XXXXXX")"
