@@ -72,6 +72,10 @@ pub fn router(control: SharedControl) -> Router {
             count_requests,
         ))
         .layer(cors)
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            plain_options,
+        ))
         .with_state(control)
 }
 
@@ -465,6 +469,53 @@ async fn whep(
         created(SessionKind::Play, &stream, session, &etag, n.answer),
         links,
     )
+}
+
+/// A plain `OPTIONS` (no `Access-Control-Request-Method`, so not a CORS preflight) on a WHIP or
+/// WHEP endpoint is answered here, outside the CORS layer, which would otherwise take every
+/// `OPTIONS` for a preflight and drop the ICE server `Link`s.
+async fn plain_options(
+    State(c): State<SharedControl>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let endpoint = path.starts_with("/whip/") || path.starts_with("/whep/");
+    let preflight = req
+        .headers()
+        .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if req.method() != Method::OPTIONS || preflight || !endpoint {
+        return next.run(req).await;
+    }
+    let headers = req.headers().clone();
+    // With token auth on, TURN credentials go only to a request whose token grants the right.
+    let stream = path.splitn(3, '/').nth(2).unwrap_or_default();
+    let right = if path.starts_with("/whip/") {
+        super::auth::Right::Publish
+    } else {
+        super::auth::Right::Subscribe
+    };
+    let mut r = if authorize(&c, &headers, stream, right).is_ok() {
+        options(State(c.clone()), headers).await
+    } else {
+        (StatusCode::NO_CONTENT, [(header::ALLOW, "OPTIONS, POST")]).into_response()
+    };
+    let origin = if c.config.http.cors_origin == "*" {
+        HeaderValue::from_static("*")
+    } else {
+        HeaderValue::from_str(&c.config.http.cors_origin).unwrap_or(HeaderValue::from_static("*"))
+    };
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("location, etag, link"),
+    );
+    c.metrics
+        .http_requests
+        .with_label_values(&["/whip|whep/{stream} OPTIONS", r.status().as_str()])
+        .inc();
+    r
 }
 
 /// `OPTIONS`: what the endpoint accepts, and the ICE servers a client should use (RFC 9725

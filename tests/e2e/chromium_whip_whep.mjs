@@ -39,6 +39,22 @@
 // every port announced in those answers must be among them, or the flood would miss the sessions.
 // Datagrams only ever go to 127.0.0.1.
 //
+// --relay publisher=options,player1=201 (the chromium-relay test): the pages listed are relay-only
+// (iceTransportPolicy 'relay') through sluice's TURN, with the ICE servers of sluice's RFC 9725
+// 'Link: <turn:...>; rel="ice-server"; username=..; credential=..' headers, parsed from one header
+// per link or several joined by commas (iceServersFromLinks, self-tested at start). '=options':
+// OPTIONS on the endpoint before the RTCPeerConnection exists, then the usual non-trickle offer
+// (relay candidates on 127.x only); when OPTIONS carries no Link the page falls back to '=201' and
+// the log says WARN (--strict-options: fail instead). '=201': createOffer(), POST it, then
+// setConfiguration() with the 201's Links, setLocalDescription(), setRemoteDescription(); sluice is
+// ICE-lite and learns the relayed address from the checks. Once the players decode, every relay-only
+// page's selected candidate pair (its transport's selectedCandidatePairId) must have a local
+// candidate of type 'relay' and a 127.x remote, and GET /metrics must show the TURN server at work:
+// sluice_turn_allocations_total grew by >= the number of relay-only pages, sluice_turn_allocations
+// is at least that, and sluice_turn_relayed_{packets,bytes}_total grew by >= half of what those
+// pages sent (direction to_peer) and received (to_client). The 201 of a relay-only page must carry
+// a readable ice-server Link too.
+//
 // Exit 0 on success; 1 with one line 'FAIL: <reason>' on stdout otherwise. The stats seen are
 // printed either way. Only loopback addresses are used.
 
@@ -73,6 +89,8 @@ const { values: opt } = parseArgs({
     'flood-sockets': { type: 'string', default: '4' },
     'after-ms': { type: 'string', default: '5000' },
     'min-frames': { type: 'string', default: '30' },
+    relay: { type: 'string', default: '' },
+    'strict-options': { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },
 });
@@ -80,7 +98,8 @@ if (opt.help || !opt.url || !opt.stream) {
   console.log('usage: chromium_whip_whep.mjs --url http://127.0.0.1:PORT --stream NAME [--codec vp8|h264]\n' +
     '         [--players 2] [--timeout 20] [--token JWT] [--chromium /usr/bin/chromium] [--verbose]\n' +
     '         [--flood [--media-ports P1,P2,..] [--flood-count 20000] [--flood-ms 2000] [--flood-sockets 4]\n' +
-    '                  [--after-ms 5000] [--min-frames 30]]');
+    '                  [--after-ms 5000] [--min-frames 30]]\n' +
+    '         [--relay publisher[=options|201][,player1[=options|201],..] [--strict-options]]');
   process.exit(opt.help ? 0 : 1);
 }
 const BASE = opt.url.replace(/\/+$/, '');
@@ -105,6 +124,19 @@ if (opt.flood) {
     }
     FLOOD.ports = [...new Set(FLOOD.ports.map(Number))];
   }
+}
+// --relay: the pages ('publisher', 'player1', ..) whose RTCPeerConnection gets
+// iceTransportPolicy 'relay', each with where its iceServers come from: the Link headers of an
+// OPTIONS request before the offer ('options', the default) or those of the 201 ('201').
+const RELAY = new Map();
+for (const item of opt.relay.split(',').map((r) => r.trim()).filter(Boolean)) {
+  const [r, src = 'options'] = item.split('=');
+  const n = /^player(\d+)$/.exec(r);
+  if ((r !== 'publisher' && !(n && Number(n[1]) >= 1 && Number(n[1]) <= PLAYERS)) || !['options', '201'].includes(src)) {
+    console.log(`FAIL: --relay takes a list of PAGE[=options|201], PAGE one of publisher, player1..player${PLAYERS}; got '${item}'`);
+    process.exit(1);
+  }
+  RELAY.set(r, src);
 }
 if (!['vp8', 'h264'].includes(CODEC)) {
   console.log(`FAIL: --codec must be vp8 or h264, got ${opt.codec}`);
@@ -135,11 +167,86 @@ const CHROMIUM_FLAGS = [
   '--allow-loopback-in-peer-connection',
   '--autoplay-policy=no-user-gesture-required',
   '--no-proxy-server',
+  // more for debugging, e.g. E2E_CHROMIUM_EXTRA_FLAGS='--enable-logging=stderr --vmodule=turn_port=4'
+  // (with DEBUG=pw:browser to see Chromium's stderr)
+  ...(process.env.E2E_CHROMIUM_EXTRA_FLAGS || '').split(/\s+/).filter(Boolean),
 ];
+
+// --------------------------------------------------------------------------- RFC 9725 Link headers
+// Used by the page (its source is pasted into /client.js) and checked here first against the
+// shapes a Link header can take: one header per link, or several links joined by ', ' into one
+// value (what fetch's headers.get() returns for repeated headers); quoted strings that hold ',' or
+// ';' or escaped quotes; unquoted parameter values; parameter names in any case; rel lists.
+
+// The RTCIceServer entries of the Link header value `value` whose rel includes 'ice-server'.
+function iceServersFromLinks(value) {
+  // split at the commas between links: not inside <...> nor inside a quoted string
+  const links = [];
+  let cur = '', quoted = false, angle = false;
+  for (let i = 0; i < value.length; i++) {
+    const ch = value[i];
+    if (quoted) {
+      cur += ch;
+      if (ch === '\\' && i + 1 < value.length) cur += value[++i];
+      else if (ch === '"') quoted = false;
+      continue;
+    }
+    if (ch === '"') quoted = true;
+    else if (ch === '<') angle = true;
+    else if (ch === '>') angle = false;
+    else if (ch === ',' && !angle) { links.push(cur); cur = ''; continue; }
+    cur += ch;
+  }
+  links.push(cur);
+  const servers = [];
+  for (const link of links.map((l) => l.trim()).filter(Boolean)) {
+    const m = /^<([^>]*)>(.*)$/s.exec(link);
+    if (!m) continue;
+    const params = {};
+    const re = /;\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;]*))?/g;
+    for (let p; (p = re.exec(m[2]));) {
+      let v = (p[2] || '').trim();
+      if (v.startsWith('"')) v = v.slice(1, -1).replace(/\\(.)/g, '$1');
+      const k = p[1].toLowerCase();
+      if (!(k in params)) params[k] = v; // RFC 8288: the first occurrence counts
+    }
+    if (!(params.rel || '').toLowerCase().split(/\s+/).includes('ice-server')) continue;
+    const s = { urls: m[1].trim() };
+    if ('username' in params) s.username = params.username;
+    if ('credential' in params) s.credential = params.credential;
+    servers.push(s);
+  }
+  return servers;
+}
+
+{
+  const U = '1700000000:alice', C = 'a+b/c=';
+  const udp = `<turn:127.0.0.1:3478?transport=udp>; rel="ice-server"; username="${U}"; credential="${C}"; credential-type="password"`;
+  const tcp = `<turn:127.0.0.1:3478?transport=tcp>; rel="ice-server"; username="${U}"; credential="${C}"; credential-type="password"`;
+  const want2 = [{ urls: 'turn:127.0.0.1:3478?transport=udp', username: U, credential: C },
+    { urls: 'turn:127.0.0.1:3478?transport=tcp', username: U, credential: C }];
+  const cases = [
+    [udp, want2.slice(0, 1)],
+    [`${udp}, ${tcp}`, want2],
+    [`${udp},${tcp}`, want2],
+    [`</x>; rel="next", ${udp} ,  ${tcp}`, want2],
+    ['<turn:h:1?transport=udp>;REL=ice-server;Username="a,b;c\\"d";CREDENTIAL=x', [{ urls: 'turn:h:1?transport=udp', username: 'a,b;c"d', credential: 'x' }]],
+    ['<turn:h:1>; rel="preload ice-server"; username=u; credential=p', [{ urls: 'turn:h:1', username: 'u', credential: 'p' }]],
+    ['<stun:h:1>; rel="ice-server"', [{ urls: 'stun:h:1' }]],
+    ['', []],
+  ];
+  for (const [input, want] of cases) {
+    const got = JSON.stringify(iceServersFromLinks(input));
+    if (got !== JSON.stringify(want)) {
+      console.log(`FAIL: the Link parser self-test: ${JSON.stringify(input)} gave ${got}, expected ${JSON.stringify(want)}`);
+      process.exit(1);
+    }
+  }
+}
 
 // --------------------------------------------------------------------------- the page's code
 // Runs inside Chromium. Kept plain (no build step) and served as /client.js.
-const CLIENT_JS = String.raw`
+const CLIENT_JS = iceServersFromLinks.toString() + '\n' + String.raw`
 const ORIGIN_NOTE = 'fetch failed: connection refused, or the CORS preflight was not answered ' +
   'with Access-Control-Allow-Origin for ' + location.origin;
 
@@ -176,23 +283,75 @@ function pickCodecs(kind, mime, side) {
   return { want, rtx };
 }
 
-async function negotiate(pc, endpoint, cfg, retry404Ms) {
-  await pc.setLocalDescription();
-  await waitGathering(pc, 10000);
-  // Offer only the 127.x UDP candidates: this machine's other interfaces (and IPv6) are no target
-  // of these tests, and sluice then sees exactly what a loopback-only deployment sees.
-  const all = pc.localDescription.sdp;
-  const offer = all.split('\r\n').filter(l => !l.startsWith('a=candidate:') ||
-    /^a=candidate:\S+ \d+ udp \d+ 127\.\d+\.\d+\.\d+ \d+ typ host/i.test(l)).join('\r\n');
-  if (!/^a=candidate:.* 127\.0\.0\.1 /m.test(offer))
-    throw new Error('the offer has no 127.0.0.1 candidate (is --allow-loopback-in-peer-connection on?): ' +
-      (all.match(/^a=candidate:.*$/mg) || []).join(' | '));
-  const url = cfg.base + '/' + endpoint + '/' + encodeURIComponent(cfg.stream);
+// --relay. RFC 9725 gives a client the ICE servers two ways, and the test uses both:
+//  - 'options': OPTIONS on the endpoint before anything else; its Link headers become the
+//    RTCPeerConnection's iceServers, and the offer (after gathering, so it carries the relay
+//    candidates) is POSTed as usual;
+//  - '201': the offer from createOffer() (no candidates yet: gathering starts with
+//    setLocalDescription) is POSTed first; the Link headers of the 201 go into setConfiguration(),
+//    then setLocalDescription() gathers relay candidates and ICE runs. sluice is ICE-lite: it learns
+//    the client's (relayed) address from the client's connectivity checks, so no PATCH is needed.
+// When OPTIONS yields no ice-server Link, 'options' falls back to '201' with a warning, or fails
+// with cfg.strictOptions.
+
+function relayLinks(resp) {
+  const link = resp.headers.get('Link');
+  const servers = link ? iceServersFromLinks(link) : [];
+  return { link, iceServers: servers,
+    turn: servers.filter(s => /^turns?:/i.test(s.urls) && s.username && s.credential).length,
+    exposed: resp.headers.get('Access-Control-Expose-Headers') };
+}
+
+async function optionsIceServers(url, cfg) {
+  let resp;
+  try {
+    resp = await fetch(url, { method: 'OPTIONS', headers: authHeaders(cfg.token) });
+  } catch (e) {
+    throw new Error('OPTIONS ' + url + ': ' + ORIGIN_NOTE + ' (' + e + ')');
+  }
+  return { status: resp.status, ...relayLinks(resp) };
+}
+
+// A new RTCPeerConnection; with cfg.relay only relay candidates are gathered (iceTransportPolicy
+// 'relay'), from the iceServers of OPTIONS (now) or of the 201 (later, in negotiate()).
+async function newPeerConnection(endpoint, cfg) {
+  const conf = { bundlePolicy: 'max-bundle', iceServers: [] };
+  window.__relay = null;
+  if (cfg.relay) {
+    conf.iceTransportPolicy = 'relay';
+    const info = { asked: cfg.relay, source: cfg.relay, options: null, warning: null };
+    if (cfg.relay === 'options') {
+      const url = cfg.base + '/' + endpoint + '/' + encodeURIComponent(cfg.stream);
+      const o = await optionsIceServers(url, cfg);
+      info.options = o;
+      if ((o.status === 204 || o.status === 200) && o.turn) {
+        conf.iceServers = o.iceServers;
+      } else {
+        const why = 'OPTIONS ' + url + ' answered ' + o.status + ' with ' + (o.link ? 'no usable turn: ice-server Link in: ' +
+          o.link : 'no readable Link header (none sent, or not in Access-Control-Expose-Headers: ' + o.exposed + ')') +
+          '; RFC 9725 expects 204 with the ice-server Links';
+        if (cfg.strictOptions) throw new Error(why);
+        info.warning = why + '; falling back to the Links of the 201';
+        info.source = '201';
+      }
+    }
+    window.__relay = info;
+  }
+  const pc = new RTCPeerConnection(conf);
+  window.__iceErrors = [];
+  window.__gathered = [];
+  pc.addEventListener('icecandidate', e => { if (e.candidate && e.candidate.candidate) window.__gathered.push(e.candidate.candidate); });
+  pc.addEventListener('icecandidateerror', e => window.__iceErrors.push(
+    { url: e.url, errorCode: e.errorCode, errorText: e.errorText, address: e.address, port: e.port }));
+  return pc;
+}
+
+async function postOffer(url, sdp, cfg, retry404Ms) {
   const giveUp = Date.now() + retry404Ms;
   let resp;
   for (;;) {
     try {
-      resp = await fetch(url, { method: 'POST', body: offer, headers:
+      resp = await fetch(url, { method: 'POST', body: sdp, headers:
         { 'Content-Type': 'application/sdp', ...authHeaders(cfg.token) } });
     } catch (e) {
       throw new Error('POST ' + url + ': ' + ORIGIN_NOTE + ' (' + e + ')');
@@ -210,12 +369,64 @@ async function negotiate(pc, endpoint, cfg, retry404Ms) {
   if (!body.startsWith('v=0')) throw new Error('POST ' + url + ' answered 201 but the body is no SDP: ' + body.slice(0, 200));
   window.__location = new URL(loc, url).href;
   window.__answer = body;
-  try {
-    await pc.setRemoteDescription({ type: 'answer', sdp: body });
-  } catch (e) {
-    throw new Error('Chromium rejected the SDP answer: ' + e);
+  window.__links201 = relayLinks(resp); // RFC 9725: the 201 carries the ice-server Links too
+  return body;
+}
+
+function relayOnlyNoCandidate(pc) {
+  return new Error('relay-only, yet no UDP relay candidate on 127.x was gathered from ' +
+    JSON.stringify(pc.getConfiguration().iceServers.map(s => s.urls)) + '; candidates: [' +
+    window.__gathered.join(' | ') + ']; icecandidateerror events: ' + JSON.stringify(window.__iceErrors));
+}
+
+const RELAY_CAND = /^(a=)?candidate:\S+ \d+ udp \d+ 127\.\d+\.\d+\.\d+ \d+ typ relay/i;
+const HOST_CAND = /^(a=)?candidate:\S+ \d+ udp \d+ 127\.\d+\.\d+\.\d+ \d+ typ host/i;
+
+async function negotiate(pc, endpoint, cfg, retry404Ms) {
+  const url = cfg.base + '/' + endpoint + '/' + encodeURIComponent(cfg.stream);
+  const relay = window.__relay;
+  let body;
+  if (relay && relay.source === '201') {
+    const offer = await pc.createOffer();
+    body = await postOffer(url, offer.sdp, cfg, retry404Ms);
+    if (!window.__links201.turn)
+      throw new Error('relay-only from the 201, but POST ' + url + ' answered 201 without a usable ice-server Link (' +
+        (window.__links201.link || 'none readable; exposed: ' + window.__links201.exposed) + ')');
+    pc.setConfiguration({ ...pc.getConfiguration(), iceServers: window.__links201.iceServers });
+    await pc.setLocalDescription(offer);
+    try {
+      await pc.setRemoteDescription({ type: 'answer', sdp: body });
+    } catch (e) {
+      throw new Error('Chromium rejected the SDP answer: ' + e);
+    }
+    await waitGathering(pc, 10000);
+    if (!window.__gathered.some(c => RELAY_CAND.test(c))) throw relayOnlyNoCandidate(pc);
+    window.__offerCandidates = window.__gathered.filter(c => RELAY_CAND.test(c));
+  } else {
+    await pc.setLocalDescription();
+    await waitGathering(pc, 10000);
+    // Offer only the 127.x UDP host candidates (or, relay-only, the relay candidates on 127.x):
+    // this machine's other interfaces (and IPv6) are no target of these tests, and sluice then
+    // sees exactly what a loopback-only deployment sees.
+    const all = pc.localDescription.sdp;
+    const keep = relay ? RELAY_CAND : HOST_CAND;
+    const offer = all.split('\r\n').filter(l => !l.startsWith('a=candidate:') || keep.test(l)).join('\r\n');
+    if (relay) {
+      if (!/^a=candidate:.* typ relay/m.test(offer)) throw relayOnlyNoCandidate(pc);
+    } else if (!/^a=candidate:.* 127\.0\.0\.1 /m.test(offer)) {
+      throw new Error('the offer has no 127.0.0.1 candidate (is --allow-loopback-in-peer-connection on?): ' +
+        (all.match(/^a=candidate:.*$/mg) || []).join(' | '));
+    }
+    window.__offerCandidates = (offer.match(/^a=candidate:.*$/mg) || []);
+    body = await postOffer(url, offer, cfg, retry404Ms);
+    try {
+      await pc.setRemoteDescription({ type: 'answer', sdp: body });
+    } catch (e) {
+      throw new Error('Chromium rejected the SDP answer: ' + e);
+    }
   }
-  return { location: window.__location, answerMlines: (body.match(/^m=.*$/mg) || []) };
+  return { location: window.__location, answerMlines: (body.match(/^m=.*$/mg) || []),
+    relay, links201: window.__links201, offerCandidates: window.__offerCandidates };
 }
 
 window.whipPublish = async (cfg) => {
@@ -223,7 +434,7 @@ window.whipPublish = async (cfg) => {
   try {
     ms = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480, frameRate: 30 }, audio: true });
   } catch (e) { throw new Error('getUserMedia failed: ' + e); }
-  const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
+  const pc = await newPeerConnection('whip', cfg);
   window.__pc = pc;
   watchStates(pc);
   const vt = pc.addTransceiver(ms.getVideoTracks()[0], { direction: 'sendonly' });
@@ -242,7 +453,7 @@ window.whipPublish = async (cfg) => {
 };
 
 window.whepPlay = async (cfg) => {
-  const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
+  const pc = await newPeerConnection('whep', cfg);
   window.__pc = pc;
   watchStates(pc);
   pc.addTransceiver('video', { direction: 'recvonly' });
@@ -258,6 +469,16 @@ window.whepPlay = async (cfg) => {
   };
   return await negotiate(pc, 'whep', cfg, cfg.retry404Ms);
 };
+
+function pairInfo(p, l, r, via) {
+  return {
+    via: via || 'nominated', state: p.state, nominated: p.nominated,
+    bytesSent: p.bytesSent, bytesReceived: p.bytesReceived,
+    local: l ? { candidateType: l.candidateType, address: l.address, port: l.port, protocol: l.protocol,
+                 relayProtocol: l.relayProtocol, url: l.url } : null,
+    remote: r ? { candidateType: r.candidateType, address: r.address, port: r.port, protocol: r.protocol } : null,
+  };
+}
 
 // A compact summary of getStats() for the test to judge and print.
 window.statsSummary = async () => {
@@ -287,8 +508,24 @@ window.statsSummary = async () => {
     } else if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
       const l = byId.get(s.localCandidateId), r = byId.get(s.remoteCandidateId);
       out.pair = (l ? l.address + ':' + l.port + '/' + l.protocol : '?') + ' -> ' + (r ? r.address + ':' + r.port : '?');
+      if (l) out.pair += ' (' + l.candidateType + (l.relayProtocol ? ' over ' + l.relayProtocol : '') + ')';
+      if (!out.selected) out.selected = pairInfo(s, l, r);
+    } else if (s.type === 'local-candidate') {
+      out.localCandidateTypes = out.localCandidateTypes || {};
+      out.localCandidateTypes[s.candidateType] = (out.localCandidateTypes[s.candidateType] || 0) + 1;
+      if (s.candidateType === 'relay')
+        (out.relayCandidates = out.relayCandidates || []).push(s.address + ':' + s.port + ' via ' + s.relayProtocol);
     }
   });
+  // The selected pair: the transport's selectedCandidatePairId (what media uses), else the
+  // nominated succeeded pair above.
+  report.forEach(s => {
+    if (s.type !== 'transport' || !s.selectedCandidatePairId) return;
+    const p = byId.get(s.selectedCandidatePairId);
+    if (p) out.selected = pairInfo(p, byId.get(p.localCandidateId), byId.get(p.remoteCandidateId), 'transport');
+  });
+  if (window.__iceErrors && window.__iceErrors.length) out.iceErrors = window.__iceErrors.slice(0, 10);
+  if (window.__relay) out.relaySource = window.__relay.source;
   const v = document.getElementById('remote-video');
   if (v) out.videoElement = { w: v.videoWidth, h: v.videoHeight, paused: v.paused };
   const au = document.getElementById('remote-audio');
@@ -365,7 +602,7 @@ function answerPorts(sdp) {
 // rtc_rejected, peers_removed }. Reads both namings: one family per counter
 // (sluice_drop_unknown_source_total{shard="0"}, sluice_drop_malformed_total, ...) and labelled
 // families (sluice_dropped_packets_total{reason="unknown_source",shard="0"}, ...).
-async function readMetrics() {
+async function scrapeMetrics() {
   let resp;
   try {
     resp = await fetch(BASE + '/metrics', { headers: opt.token ? { Authorization: 'Bearer ' + opt.token } : {} });
@@ -383,6 +620,11 @@ async function readMetrics() {
     const hit = samples.filter((x) => x.name === name && Object.entries(want).every(([k, v]) => x.labels[k] === v));
     return hit.length ? hit.reduce((a, x) => a + x.value, 0) : null;
   };
+  return { samples, sum };
+}
+
+async function readMetrics() {
+  const { sum } = await scrapeMetrics();
   const either = (...vals) => vals.find((v) => v !== null) ?? null;
   const out = {
     unknown_source: either(sum('drop_unknown_source_total'), sum('dropped_packets_total', { reason: 'unknown_source' })),
@@ -395,6 +637,26 @@ async function readMetrics() {
     if (out[k] === null)
       throw new Fail(`GET ${BASE}/metrics has neither sluice_drop_${k}_total nor sluice_dropped_packets_total{reason="${k}"}`);
   }
+  return out;
+}
+
+// sluice's TURN counters (src/turn/mod.rs write_prometheus), or a Fail naming what is missing.
+async function readTurnMetrics() {
+  const { sum } = await scrapeMetrics();
+  const out = {
+    allocations: sum('turn_allocations'),
+    allocations_total: sum('turn_allocations_total'),
+    packets_to_peer: sum('turn_relayed_packets_total', { direction: 'to_peer' }),
+    packets_to_client: sum('turn_relayed_packets_total', { direction: 'to_client' }),
+    bytes_to_peer: sum('turn_relayed_bytes_total', { direction: 'to_peer' }),
+    bytes_to_client: sum('turn_relayed_bytes_total', { direction: 'to_client' }),
+    refused_peers: sum('turn_refused_peers_total'),
+    dropped: sum('turn_dropped_total'),
+  };
+  const missing = Object.entries(out).filter(([k, v]) => v === null && k !== 'refused_peers' && k !== 'dropped');
+  if (missing.length)
+    throw new Fail(`GET ${BASE}/metrics lacks sluice_turn_{allocations,allocations_total,relayed_packets_total{direction},` +
+      `relayed_bytes_total{direction}}: missing ${missing.map(([k]) => k).join(', ')} (is TURN on?)`);
   return out;
 }
 
@@ -594,6 +856,69 @@ async function floodPhase(pub, players, lastStats) {
   return { sent: r.sent, drops, grown };
 }
 
+// --------------------------------------------------------------------------- --relay checks
+
+// Once the players decode: every relay-only page's selected candidate pair has a local candidate
+// of type 'relay' (to a sluice media port on 127.x), and sluice's TURN counters show the media
+// went through it: allocations were made (and are alive), and the relayed packets and bytes grew
+// by at least half of what the relay-only pages sent (to_peer) and received (to_client).
+async function relayVerdict(pub, players, lastStats, turn0) {
+  const named = [['publisher', pub], ...players.map((p, i) => [`player${i + 1}`, p])];
+  const problems = [];
+  let sentPackets = 0, sentBytes = 0, recvPackets = 0, recvBytes = 0;
+  for (const [name, page] of named) {
+    const s = (lastStats[name] = await evalOr(page, name, () => window.statsSummary()));
+    const sel = s.selected;
+    const desc = sel && sel.local
+      ? `${sel.local.candidateType} ${sel.local.address}:${sel.local.port}` +
+        (sel.local.relayProtocol ? ` (TURN over ${sel.local.relayProtocol}, ${sel.local.url})` : '') +
+        ` -> ${sel.remote ? `${sel.remote.candidateType} ${sel.remote.address}:${sel.remote.port}` : '?'}`
+      : 'none';
+    log(`${name}: selected pair (${sel ? sel.via : '-'}): ${desc}; local candidates ${JSON.stringify(s.localCandidateTypes || {})}` +
+      (s.relayCandidates ? `; relay candidates ${s.relayCandidates.join(', ')}` : '') +
+      (s.iceErrors ? `; icecandidateerror ${JSON.stringify(s.iceErrors)}` : ''));
+    if (!RELAY.has(name)) continue;
+    if (!sel || !sel.local) { problems.push(`${name}: no selected candidate pair in getStats`); continue; }
+    if (sel.local.candidateType !== 'relay')
+      problems.push(`${name}: relay-only, but its selected pair's local candidate is '${sel.local.candidateType}' (${desc})`);
+    if (sel.remote && !/^127\./.test(sel.remote.address || ''))
+      problems.push(`${name}: selected pair's remote candidate ${sel.remote.address} is not sluice on 127.x`);
+    for (const k of ['out_video', 'out_audio']) {
+      sentPackets += s[k]?.packetsSent ?? 0;
+      sentBytes += s[k]?.bytesSent ?? 0;
+    }
+    for (const k of ['in_video', 'in_audio']) {
+      recvPackets += s[k]?.packetsReceived ?? 0;
+      recvBytes += s[k]?.bytesReceived ?? 0;
+    }
+  }
+  const t1 = await readTurnMetrics();
+  const d = (k) => t1[k] - turn0[k];
+  log(`turn metrics after: ${JSON.stringify(t1)}`);
+  log(`turn: allocations alive ${t1.allocations} (+${d('allocations')}), made +${d('allocations_total')}; relayed to_peer ` +
+    `+${d('packets_to_peer')} packets / +${d('bytes_to_peer')} bytes (relay-only pages sent ${sentPackets} RTP packets / ` +
+    `${sentBytes} bytes), to_client +${d('packets_to_client')} packets / +${d('bytes_to_client')} bytes (they received ` +
+    `${recvPackets} RTP packets / ${recvBytes} bytes); refused peers +${d('refused_peers')}, dropped +${d('dropped')}`);
+  if (d('allocations_total') < RELAY.size)
+    problems.push(`sluice_turn_allocations_total grew by ${d('allocations_total')}, expected >= ${RELAY.size} (one per relay-only page)`);
+  if (t1.allocations < RELAY.size)
+    problems.push(`sluice_turn_allocations is ${t1.allocations} while ${RELAY.size} relay-only page(s) are connected`);
+  if (d('packets_to_peer') * 2 < sentPackets || d('bytes_to_peer') * 2 < sentBytes)
+    problems.push(`sluice_turn_relayed_{packets,bytes}_total{direction="to_peer"} grew by ${d('packets_to_peer')} / ` +
+      `${d('bytes_to_peer')}, less than half of the ${sentPackets} packets / ${sentBytes} bytes the relay-only pages sent`);
+  if (d('packets_to_client') * 2 < recvPackets || d('bytes_to_client') * 2 < recvBytes || d('packets_to_client') === 0)
+    problems.push(`sluice_turn_relayed_{packets,bytes}_total{direction="to_client"} grew by ${d('packets_to_client')} / ` +
+      `${d('bytes_to_client')}, expected > 0 and >= half of the ${recvPackets} packets / ${recvBytes} bytes the relay-only pages received`);
+  if (d('packets_to_peer') === 0) problems.push('sluice relayed nothing to a peer');
+  if (problems.length) throw new Fail(`relay: ${problems.join('; ')}`);
+  const who = [...RELAY].map(([n, src]) => `${n} (Links from ${lastStats[n]?.relaySource ?? src})`).join(', ');
+  const msg = `${who} connected relay-only through sluice's TURN (${d('allocations_total')} allocations; ` +
+    `${d('packets_to_peer')} packets / ${(d('bytes_to_peer') / 1e6).toFixed(2)} MB relayed to sluice, ` +
+    `${d('packets_to_client')} packets / ${(d('bytes_to_client') / 1e6).toFixed(2)} MB back)`;
+  log(`relay: OK: ${msg}`);
+  return msg;
+}
+
 // --------------------------------------------------------------------------- the test
 
 async function main() {
@@ -607,6 +932,8 @@ async function main() {
   const lastStats = {};
   let failure = null;
   let floodResult = null;
+  let relayResult = null;
+  const warnings = [];
   try {
     try {
       context = await chromium.launchPersistentContext(userDataDir, {
@@ -631,10 +958,35 @@ async function main() {
       return page;
     };
 
+    const cfgFor = (name) => ({ ...cfg, relay: RELAY.get(name) || null, strictOptions: opt['strict-options'] });
+    const noteRelay = (name, r) => {
+      if (!r.relay) return;
+      const o = r.relay.options;
+      if (o) log(`${name}: OPTIONS -> ${o.status}, Link: ${o.link ?? '(none readable)'}`);
+      if (r.relay.warning) {
+        log(`${name}: WARN: ${r.relay.warning}`);
+        warnings.push(`${name}: ${r.relay.warning}`);
+      }
+      log(`${name}: 201 Link: ${r.links201.link ?? '(none readable)'}`);
+      const servers = r.relay.source === 'options' ? o.iceServers : r.links201.iceServers;
+      log(`${name}: relay-only, iceServers from the ${r.relay.source === 'options' ? 'OPTIONS' : '201'} Links: ` +
+        `${JSON.stringify(servers.map((x) => x.urls))}; relay candidates ${r.relay.source === 'options' ? 'offered' : 'gathered'}: ` +
+        r.offerCandidates.map((c) => c.replace(/^a=candidate:/, '')).join(' | '));
+      if (!r.links201.turn)
+        throw new Fail(`${name}: the 201 carries no readable rel="ice-server" turn: Link with credentials (RFC 9725; ` +
+          `exposed headers: ${r.links201.exposed})`);
+    };
+    let turn0 = null;
+    if (RELAY.size) {
+      turn0 = await readTurnMetrics();
+      log(`turn metrics before: ${JSON.stringify(turn0)}`);
+    }
+
     // -- publisher
     const pub = await newPage('publisher');
-    const pubRes = await evalOr(pub, 'publisher', (c) => window.whipPublish(c), cfg);
+    const pubRes = await evalOr(pub, 'publisher', (c) => window.whipPublish(c), cfgFor('publisher'));
     log(`publisher: 201 Location ${pubRes.location}; answer ${pubRes.answerMlines.join(', ')}`);
+    noteRelay('publisher', pubRes);
     {
       const deadline = Date.now() + 10000;
       for (;;) {
@@ -653,8 +1005,9 @@ async function main() {
     const players = [];
     for (let i = 1; i <= PLAYERS; i++) players.push(await newPage(`player${i}`));
     await Promise.all(players.map(async (p, i) => {
-      const r = await evalOr(p, `player${i + 1}`, (c) => window.whepPlay(c), cfg);
+      const r = await evalOr(p, `player${i + 1}`, (c) => window.whepPlay(c), cfgFor(`player${i + 1}`));
       log(`player${i + 1}: 201 Location ${r.location}; answer ${r.answerMlines.join(', ')}`);
+      noteRelay(`player${i + 1}`, r);
     }));
 
     const ok = (s) => s && s.in_video && s.in_video.framesDecoded > 0 &&
@@ -693,6 +1046,7 @@ async function main() {
       const got = (s.in_video.codec || '').toLowerCase();
       if (got !== 'video/' + CODEC) throw new Fail(`${n}: decoded ${s.in_video.codec}, published video/${CODEC}`);
     }
+    if (RELAY.size) relayResult = await relayVerdict(pub, players, lastStats, turn0);
     if (opt.flood) floodResult = await floodPhase(pub, players, lastStats);
   } catch (e) {
     failure = e instanceof Fail ? e.message : `unexpected error: ${e && e.stack ? e.stack : e}`;
@@ -721,7 +1075,9 @@ async function main() {
     console.log(`FAIL: ${failure}`);
     return 1;
   }
+  for (const w of warnings) console.log(`WARN: ${w}`);
   console.log(`OK: ${PLAYERS} Chromium players decoded ${CODEC} video and Opus audio via WHIP/WHEP` +
+    (relayResult ? `; ${relayResult}` : '') +
     (floodResult ? `, and kept decoding through a flood of ${floodResult.sent} garbage datagrams ` +
       `(frames in the ${FLOOD.afterMs / 1000} s after: ${Object.values(floodResult.grown).join(', ')}; ` +
       `sluice counted ${floodResult.drops} drops)` : ''));

@@ -18,6 +18,17 @@
 #                   127.0.0.1; then each player's framesDecoded grows >= 30 in the next 5 s, no page
 #                   ever reports connectionState failed/disconnected, and /metrics
 #                   drop_unknown_source + drop_malformed (all shards) grew >= half the datagrams sent
+#   chromium-demo-page  the real demo page at /: one page clicks Publish (fake camera), another
+#                   clicks Watch and decodes video with live stats; Stop deletes both sessions
+#   chromium-relay  chromium-vp8 with the publisher and player1 relay-only (iceTransportPolicy
+#                   'relay') through sluice's TURN, with the credentials of sluice's RFC 9725 Link
+#                   headers: the publisher's from OPTIONS before its offer (falling back, with a WARN
+#                   in the log, to those of its 201 when OPTIONS carries none), player1's from its
+#                   201 (setConfiguration before setLocalDescription); player2 connects directly.
+#                   All decode; each relay-only page's selected candidate pair is local 'relay'; and
+#                   /metrics sluice_turn_allocations(_total) and sluice_turn_relayed_{packets,bytes}
+#                   _total in both directions grew (>= half of what those pages sent/received).
+#                   Needs sluice's TURN on (SLUICE_TURN_LISTEN), reachable at the Links' host:port.
 #
 # Prints one line per test, 'PASS name' or 'FAIL name: reason', then exactly one line
 # 'N passed, M failed'; exits 1 if any failed (2 on a usage error). Each test's full output is kept
@@ -28,12 +39,13 @@
 # E2E_TEST_TIMEOUT (seconds per test, default 120), CHROMIUM (default /usr/bin/chromium),
 # SLUICE_MEDIA_PORTS (chromium-flood: every media port of sluice, e.g. 41000,41001; without it the
 # flood goes to the ports in the test's SDP answers, i.e. only the shards its sessions landed on),
-# E2E_FLOOD_COUNT (chromium-flood: datagrams per port, default 20000).
+# E2E_FLOOD_COUNT (chromium-flood: datagrams per port, default 20000), E2E_RELAY_STRICT_OPTIONS=0
+# (chromium-relay: fall back to the 201's Links when OPTIONS carries none; by default that fails).
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$HERE/.venv/bin/python"
-ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood)
+ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood chromium-relay chromium-demo-page)
 
 if [ -z "${SLUICE_URL:-}" ]; then
     echo "usage: SLUICE_URL=http://127.0.0.1:PORT $0 [test ...]   (tests: ${ALL_TESTS[*]})" >&2
@@ -99,6 +111,12 @@ command_for() {
             # --media-ports '' makes the script ignore any SLUICE_MEDIA_PORTS and use the SDP answers
             CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec vp8 --stream "$stream"
                  --flood --flood-count "$FLOOD_COUNT" --media-ports "$MEDIA_PORTS") ;;
+        chromium-relay)
+            CMD=(node "$HERE/chromium_whip_whep.mjs" --url "$URL" --codec vp8 --stream "$stream"
+                 --relay publisher=options,player1=201)
+            [ "${E2E_RELAY_STRICT_OPTIONS:-1}" = 1 ] && CMD+=(--strict-options) ;;
+        chromium-demo-page)
+            CMD=(node "$HERE/demo_page.mjs" --url "$URL" --stream "$stream") ;;
     esac
     CMD+=("${TOKEN_ARGS[@]}")
 }
