@@ -87,6 +87,8 @@ fn pool_rings_and_batches_do_not_allocate_in_steady_state() {
                 timestamp: i * 3000,
                 marker: false,
                 keyframe: false,
+                layer: 0,
+                layers: 1,
                 arrival: t0,
                 audio_level: None,
                 voice_activity: None,

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use super::placement::shard_for;
 use super::registry::{RegistryError, SessionKind};
 use super::SharedControl;
 use crate::mesh::TrackId;
+use crate::sfu::{MaxLayer, Quality};
 use crate::shard::{CloseReason, NewPeer, ShardCommand};
 use crate::SessionId;
 
@@ -352,6 +353,7 @@ async fn whip(
         ufrag: n.ufrag,
         publisher: true,
         tracks,
+        max_layer: MaxLayer::default(),
     };
     if let Err(r) = hand_over(&c, shard, peer) {
         let undo = reg.remove(&session).map(|(_, u)| u).unwrap_or_default();
@@ -370,12 +372,52 @@ async fn whip(
     )
 }
 
+/// A WHEP viewer's own cap on simulcast layers: `?layer=low|mid|high` and/or `?max_height=N`.
+/// Other query parameters are ignored.
+fn parse_layer_cap(query: &str) -> Result<MaxLayer, String> {
+    let mut max = MaxLayer::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "layer" => {
+                max.quality = Some(
+                    Quality::parse(v)
+                        .ok_or_else(|| format!("layer must be low, mid or high, not {v:?}"))?,
+                );
+            }
+            "max_height" => {
+                let h: u32 = v
+                    .parse()
+                    .ok()
+                    .filter(|h| (1..=8192).contains(h))
+                    .ok_or_else(|| {
+                        format!("max_height must be a number of pixels from 1 to 8192, not {v:?}")
+                    })?;
+                max.max_height = Some(h);
+            }
+            _ => {}
+        }
+    }
+    Ok(max)
+}
+
 async fn whep(
     State(c): State<SharedControl>,
     Path(stream): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let max_layer = match parse_layer_cap(query.as_deref().unwrap_or("")) {
+        Ok(m) => m,
+        Err(e) => {
+            c.metrics
+                .signaling
+                .with_label_values(&["bad_request"])
+                .inc();
+            return text(StatusCode::BAD_REQUEST, e);
+        }
+    };
     let offer = match precheck(&c, &stream, &headers, &body, super::auth::Right::Subscribe) {
         Ok(o) => o,
         Err(r) => return r,
@@ -451,6 +493,7 @@ async fn whep(
         ufrag: n.ufrag,
         publisher: false,
         tracks,
+        max_layer,
     };
     // Interest first, so the publisher's shard already fans out when the viewer connects.
     drop(reg);

@@ -4,10 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use str0m::bwe::Bitrate;
 use str0m::change::SdpOffer;
 use str0m::format::{CodecConfig, PayloadParams};
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, Rtc, RtcConfig};
+
+/// Where a viewer's bandwidth estimate starts: enough for a middle simulcast layer; probing
+/// finds out within seconds whether more fits.
+const VIEWER_INITIAL_BWE_KBPS: u64 = 1_000;
 
 /// Why an offer was refused; each maps to a `400` with this text.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,10 @@ impl PeerTemplate {
             .set_dtls_cert(self.cert.clone());
         if let Some(codecs) = codecs {
             *cfg.codec_config() = CodecConfig::new_from_payload_params(codecs.to_vec());
+            // Viewers: estimate each one's downlink (TWCC), which picks its simulcast layer.
+            if codecs.iter().any(|p| p.spec().codec.is_video()) {
+                cfg = cfg.enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)));
+            }
         }
         cfg
     }

@@ -33,9 +33,16 @@ pub enum MeshMsg {
     /// One RTP packet of a track that has subscribers on the receiving shard.
     Media(MediaPacket),
     /// A subscriber on the sending shard needs a keyframe of this track (new subscriber, PLI or FIR,
-    /// source switch). The publisher's shard throttles and forwards it.
-    KeyframeRequest(TrackId),
+    /// source switch) on simulcast layer `layer` ([`ANY_LAYER`]: every layer). The publisher's
+    /// shard throttles and forwards it.
+    KeyframeRequest(TrackId, u8),
+    /// The publisher's shard's view of a simulcast track's layers, sent about once a second to
+    /// every shard with subscribers of it.
+    Layers(TrackId, Arc<crate::sfu::LayerTable>),
 }
+
+/// A keyframe request for every layer of the track (or its only one).
+pub const ANY_LAYER: u8 = u8::MAX;
 
 /// Wakes a shard that is (about to be) blocked in its single wait point. Producers ring it only when
 /// the shard said it is going idle, so a busy shard costs its producers one atomic load.
@@ -219,7 +226,7 @@ mod tests {
         let mut e0 = mesh.endpoints(0);
         let e1 = mesh.endpoints(1);
         for _ in 0..6 {
-            e0.outboxes[1].push(MeshMsg::KeyframeRequest(TrackId(1)));
+            e0.outboxes[1].push(MeshMsg::KeyframeRequest(TrackId(1), ANY_LAYER));
         }
         assert_eq!(e0.flush(), 2);
         assert_eq!(e0.outboxes[1].dropped_full, 2);

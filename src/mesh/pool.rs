@@ -24,6 +24,10 @@ pub struct PacketView {
     pub marker: bool,
     /// The packet starts a keyframe (codec-aware, `sfu::keyframe`).
     pub keyframe: bool,
+    /// Simulcast: the layer this packet belongs to, 0 = lowest (ranked by the publisher's shard).
+    pub layer: u8,
+    /// Simulcast: how many layers the track has (1 without simulcast).
+    pub layers: u8,
     /// When the datagram carrying it was read from the socket.
     pub arrival: Instant,
     pub audio_level: Option<i8>,
@@ -158,6 +162,8 @@ mod tests {
             timestamp: 0,
             marker: false,
             keyframe: false,
+            layer: 0,
+            layers: 1,
             arrival: Instant::now(),
             audio_level: None,
             voice_activity: None,

@@ -7,7 +7,7 @@ use prometheus::proto::{
 };
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use super::{family_help, Counter, ShardStats, CONNECT_BUCKETS};
+use super::{family_help, Counter, ShardStats, BWE_BUCKETS, CONNECT_BUCKETS, LAYER_SLOTS};
 
 /// Control-side metrics and the scrape.
 pub struct Exporter {
@@ -256,27 +256,47 @@ fn shard_families(shards: &[&ShardStats]) -> Vec<MetricFamily> {
         }
         sum += d.as_secs_f64();
     }
-    let mut h = PHistogram::default();
-    let mut cumulative = 0;
-    let mut pb = Vec::new();
-    for (i, bound) in CONNECT_BUCKETS.iter().enumerate() {
-        cumulative += buckets[i];
-        let mut b = Bucket::default();
-        b.set_upper_bound(*bound);
-        b.set_cumulative_count(cumulative);
-        pb.push(b);
-    }
-    cumulative += buckets[CONNECT_BUCKETS.len()];
-    h.set_bucket(pb);
-    h.set_sample_count(cumulative);
-    h.set_sample_sum(sum);
-    let mut m = Metric::default();
-    m.set_histogram(h);
-    out.push(family(
+    out.push(histogram(
         "sluice_connect_seconds",
         "Time from a peer's hand-over to its shard until ICE and DTLS completed.",
-        MetricType::HISTOGRAM,
-        vec![m],
+        &CONNECT_BUCKETS,
+        &buckets,
+        sum,
+    ));
+
+    // Bandwidth estimates: one histogram over all shards.
+    let mut buckets = vec![0u64; BWE_BUCKETS.len() + 1];
+    let mut sum = 0.0;
+    for s in shards {
+        let (b, total) = s.bwe();
+        for (acc, v) in buckets.iter_mut().zip(b) {
+            *acc += v;
+        }
+        sum += total as f64;
+    }
+    out.push(histogram(
+        "sluice_bandwidth_estimate_bits_per_second",
+        "Subscribers' egress bandwidth estimates (str0m's TWCC estimator), one sample per connected subscriber with an estimate per second: the distribution of what subscribers' downlinks carry.",
+        &BWE_BUCKETS,
+        &buckets,
+        sum,
+    ));
+
+    let mut layers = Vec::new();
+    for (i, s) in shards.iter().enumerate() {
+        for (slot, n) in s.simulcast_layers().iter().enumerate() {
+            let name = if slot == LAYER_SLOTS - 1 {
+                "none".to_string()
+            } else {
+                slot.to_string()
+            };
+            layers.push((vec![("shard", i.to_string()), ("layer", name)], *n as f64));
+        }
+    }
+    out.push(gauge(
+        "sluice_simulcast_subscriptions",
+        "Simulcast video subscriptions by the layer they receive now (0 = lowest; none = paused or waiting for the first keyframe), sampled once a second.",
+        layers,
     ));
 
     // Forwarding latency: a summary per shard (quantiles of the last 10 s window).
@@ -311,6 +331,27 @@ fn shard_families(shards: &[&ShardStats]) -> Vec<MetricFamily> {
         metrics,
     ));
     out
+}
+
+/// A histogram family from per-bucket (not cumulative) counts, the last one being `+Inf`.
+fn histogram(name: &str, help: &str, bounds: &[f64], counts: &[u64], sum: f64) -> MetricFamily {
+    let mut h = PHistogram::default();
+    let mut cumulative = 0;
+    let mut pb = Vec::new();
+    for (bound, n) in bounds.iter().zip(counts) {
+        cumulative += n;
+        let mut b = Bucket::default();
+        b.set_upper_bound(*bound);
+        b.set_cumulative_count(cumulative);
+        pb.push(b);
+    }
+    cumulative += counts.get(bounds.len()).copied().unwrap_or(0);
+    h.set_bucket(pb);
+    h.set_sample_count(cumulative);
+    h.set_sample_sum(sum);
+    let mut m = Metric::default();
+    m.set_histogram(h);
+    family(name, help, MetricType::HISTOGRAM, vec![m])
 }
 
 #[cfg(test)]

@@ -68,6 +68,13 @@ counters! {
     RemovedShutdown => "peers_removed_total" ["reason" = "shutdown"];
     SendErrors => "media_send_errors_total" [];
     LoopTurns => "shard_loop_turns_total" [];
+    SwitchStart => "simulcast_layer_switches_total" ["reason" = "start"];
+    SwitchEstimate => "simulcast_layer_switches_total" ["reason" = "estimate"];
+    SwitchCap => "simulcast_layer_switches_total" ["reason" = "cap"];
+    SwitchLayerDied => "simulcast_layer_switches_total" ["reason" = "layer_died"];
+    SwitchLayerBack => "simulcast_layer_switches_total" ["reason" = "layer_back"];
+    SwitchPause => "simulcast_layer_switches_total" ["reason" = "pause"];
+    SwitchResume => "simulcast_layer_switches_total" ["reason" = "resume"];
 }
 
 /// Help text of each counter family.
@@ -85,6 +92,7 @@ pub fn family_help(family: &str) -> &'static str {
         "peers_removed_total" => "Peers removed, by reason.",
         "media_send_errors_total" => "Datagrams the kernel refused to send.",
         "shard_loop_turns_total" => "Iterations of the shard loop.",
+        "simulcast_layer_switches_total" => "Changes of the simulcast layer a subscriber receives, by reason: start (first layer), estimate (bandwidth estimate or measured layer bitrate), cap (the subscriber's ?layer=/?max_height=, or the layers' sizes), layer_died, layer_back, pause (even the lowest layer does not fit), resume.",
         _ => "sluice counter.",
     }
 }
@@ -95,6 +103,14 @@ pub const COUNTERS: usize = Counter::ALL.len();
 pub const CONNECT_BUCKETS: [f64; 12] = [
     0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
 ];
+
+/// Upper bounds (bits per second) of the subscribers' bandwidth-estimate histogram.
+pub const BWE_BUCKETS: [f64; 10] = [
+    100e3, 250e3, 500e3, 750e3, 1e6, 1.5e6, 2.5e6, 4e6, 8e6, 16e6,
+];
+
+/// Simulcast subscribers by layer: layers 0..MAX_LAYERS, then "none" (paused or not started).
+pub const LAYER_SLOTS: usize = crate::sfu::MAX_LAYERS + 1;
 
 /// Quantiles published for the receive-to-send forwarding latency.
 pub const LATENCY_QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
@@ -138,6 +154,10 @@ pub struct ShardCounters {
     latency: Histogram<u64>,
     latency_count: u64,
     latency_sum_ns: u64,
+    bwe_buckets: [u64; BWE_BUCKETS.len() + 1],
+    bwe_sum: u64,
+    /// Simulcast subscriptions per layer now (the last slot: none).
+    pub simulcast_layers: [u64; LAYER_SLOTS],
 }
 
 impl Default for ShardCounters {
@@ -150,6 +170,9 @@ impl Default for ShardCounters {
             latency: Histogram::new_with_bounds(1_000, 10_000_000_000, 3).expect("static bounds"),
             latency_count: 0,
             latency_sum_ns: 0,
+            bwe_buckets: [0; BWE_BUCKETS.len() + 1],
+            bwe_sum: 0,
+            simulcast_layers: [0; LAYER_SLOTS],
         }
     }
 }
@@ -177,6 +200,17 @@ impl ShardCounters {
         self.connect_sum += d;
     }
 
+    /// One subscriber's current bandwidth estimate (sampled once a second).
+    pub fn observe_bwe(&mut self, bps: u64) {
+        let v = bps as f64;
+        let i = BWE_BUCKETS
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(BWE_BUCKETS.len());
+        self.bwe_buckets[i] += 1;
+        self.bwe_sum += bps;
+    }
+
     /// One packet's receive-to-send time.
     #[inline]
     pub fn observe_latency(&mut self, d: Duration) {
@@ -201,6 +235,9 @@ pub struct ShardStats {
     latency_quantiles_ns: [AtomicU64; LATENCY_QUANTILES.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
+    bwe_buckets: [AtomicU64; BWE_BUCKETS.len() + 1],
+    bwe_sum: AtomicU64,
+    simulcast_layers: [AtomicU64; LAYER_SLOTS],
 }
 
 impl Default for ShardStats {
@@ -217,6 +254,9 @@ impl Default for ShardStats {
             latency_quantiles_ns: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_count: AtomicU64::new(0),
             latency_sum_ns: AtomicU64::new(0),
+            bwe_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            bwe_sum: AtomicU64::new(0),
+            simulcast_layers: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -233,6 +273,13 @@ impl ShardStats {
         }
         self.connect_sum_ns
             .store(c.connect_sum.as_nanos() as u64, Ordering::Relaxed);
+        for (slot, v) in self.bwe_buckets.iter().zip(c.bwe_buckets.iter()) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+        self.bwe_sum.store(c.bwe_sum, Ordering::Relaxed);
+        for (slot, v) in self.simulcast_layers.iter().zip(c.simulcast_layers.iter()) {
+            slot.store(*v, Ordering::Relaxed);
+        }
         self.latency_count.store(c.latency_count, Ordering::Relaxed);
         self.latency_sum_ns
             .store(c.latency_sum_ns, Ordering::Relaxed);
@@ -266,6 +313,23 @@ impl ShardStats {
                 .collect(),
             Duration::from_nanos(self.connect_sum_ns.load(Ordering::Relaxed)),
         )
+    }
+
+    /// Per-bucket (not cumulative) bandwidth-estimate samples, the last one being `+Inf`, and
+    /// their sum in bits per second.
+    pub fn bwe(&self) -> (Vec<u64>, u64) {
+        (
+            self.bwe_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            self.bwe_sum.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Simulcast subscriptions per layer now; the last slot: none (paused or not started).
+    pub fn simulcast_layers(&self) -> [u64; LAYER_SLOTS] {
+        std::array::from_fn(|i| self.simulcast_layers[i].load(Ordering::Relaxed))
     }
 
     /// (quantile, seconds) of the last full window, the count and the sum (seconds) since start.

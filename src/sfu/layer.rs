@@ -34,6 +34,53 @@ pub struct LayerInfo {
     pub bitrate_bps: u64,
 }
 
+/// A simulcast track's layers as the publisher's shard sees them, ranked low to high: what every
+/// subscriber's [`LayerSelector`] is told with [`set_layers`](LayerSelector::set_layers) and
+/// [`layer_live`](LayerSelector::layer_live).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayerTable {
+    pub layers: [LayerInfo; MAX_LAYERS],
+    pub count: u8,
+    /// Bit `i`: layer `i` is live (received packets lately and is not paused).
+    pub live: u8,
+}
+
+impl LayerTable {
+    /// Before anything is measured: `count` layers, all live, with the bitrates a browser's
+    /// usual three layers (quarter, half and full 720p) take.
+    pub fn assumed(count: usize) -> LayerTable {
+        const TYPICAL_BPS: [u64; MAX_LAYERS] = [150_000, 500_000, 1_500_000, 3_000_000];
+        let count = count.min(MAX_LAYERS);
+        let skip = 3_usize.saturating_sub(count);
+        let mut t = LayerTable {
+            count: count as u8,
+            live: ((1u16 << count) - 1) as u8,
+            ..Default::default()
+        };
+        for i in 0..count {
+            t.layers[i].bitrate_bps = TYPICAL_BPS[(i + skip).min(MAX_LAYERS - 1)];
+        }
+        t
+    }
+
+    /// The layers, low to high.
+    pub fn infos(&self) -> &[LayerInfo] {
+        &self.layers[..usize::from(self.count).min(MAX_LAYERS)]
+    }
+
+    pub fn is_live(&self, index: usize) -> bool {
+        index < MAX_LAYERS && self.live & (1 << index) != 0
+    }
+
+    /// Give a selector this table: the layers, then each one's liveness.
+    pub fn apply(&self, selector: &mut LayerSelector, now: Instant) {
+        selector.set_layers(self.infos(), now);
+        for i in 0..self.infos().len() {
+            selector.layer_live(i, self.is_live(i), now);
+        }
+    }
+}
+
 /// A subscriber's named quality cap (`?layer=low|mid|high`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Quality {

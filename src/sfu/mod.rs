@@ -13,8 +13,8 @@ mod vp8;
 pub use forwarder::{Decision, DropReason, Forwarder, ForwarderConfig, SourcePacket};
 pub use keyframe::{is_keyframe, CodecKind};
 pub use layer::{
-    BweTargets, LayerDecision, LayerInfo, LayerSelector, LayerSelectorConfig, MaxLayer, Quality,
-    SwitchEvent, SwitchReason, MAX_LAYERS,
+    BweTargets, LayerDecision, LayerInfo, LayerSelector, LayerSelectorConfig, LayerTable, MaxLayer,
+    Quality, SwitchEvent, SwitchReason, MAX_LAYERS,
 };
 pub use seq::{SeqUnwrapper, TsUnwrapper};
 pub use throttle::KeyframeThrottle;

@@ -5,6 +5,7 @@
 
 pub mod io;
 mod peer;
+mod simulcast;
 mod stun;
 mod timers;
 
@@ -16,14 +17,19 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::format::PayloadParams;
 use str0m::media::{KeyframeRequestKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 
+use crate::mesh::ANY_LAYER;
 use crate::mesh::{Doorbell, MediaPacket, MeshEndpoints, MeshMsg, PacketPool, PacketView, TrackId};
 use crate::metrics::{self, Counter, ShardCounters, ShardStats, LATENCY_WINDOW};
-use crate::sfu::{is_keyframe, CodecKind, KeyframeThrottle};
+use crate::sfu::{
+    is_keyframe, vp8_keyframe_size, CodecKind, KeyframeThrottle, LayerTable, SwitchReason,
+    MAX_LAYERS,
+};
 use crate::{SessionId, ShardId};
 use io::{DatagramIo, IoConfig, WakeFd};
 use peer::{Peer, PeerTrack};
@@ -67,6 +73,8 @@ pub struct NewPeer {
     pub publisher: bool,
     /// Which of the peer's m-lines carries which track (published or subscribed).
     pub tracks: Vec<(Mid, TrackId)>,
+    /// A subscriber's own cap on simulcast layers (WHEP `?layer=`, `?max_height=`).
+    pub max_layer: crate::sfu::MaxLayer,
 }
 
 /// Control thread to shard.
@@ -236,8 +244,12 @@ struct TrackState {
     local_subs: Vec<(usize, usize)>,
     /// The local publisher: (peer key, its mid for this track).
     local_publisher: Option<(usize, Mid)>,
-    throttle: KeyframeThrottle,
-    keyframe_pending: bool,
+    /// Keyframe requests to the publisher, per simulcast layer (index 0 without simulcast).
+    throttles: [KeyframeThrottle; MAX_LAYERS],
+    /// Bit per layer: a throttled request waits.
+    keyframe_pending: u8,
+    /// Simulcast: the publisher's shard's latest view of the layers.
+    layers: Option<Arc<LayerTable>>,
 }
 
 impl TrackState {
@@ -248,8 +260,9 @@ impl TrackState {
             remote_shards: 0,
             local_subs: Vec::new(),
             local_publisher: None,
-            throttle: KeyframeThrottle::new(min_interval),
-            keyframe_pending: false,
+            throttles: std::array::from_fn(|_| KeyframeThrottle::new(min_interval)),
+            keyframe_pending: 0,
+            layers: None,
         }
     }
 
@@ -282,6 +295,7 @@ pub(crate) fn codec_kind(p: &PayloadParams) -> CodecKind {
 }
 
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+const LAYERS_INTERVAL: Duration = Duration::from_secs(1);
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_SOURCES_PER_PEER: usize = 8;
 const SUBSCRIBER_KEYFRAME_RETRY: Duration = Duration::from_millis(300);
@@ -313,14 +327,17 @@ struct ShardState {
     events: tokio::sync::mpsc::Sender<ShardEvent>,
     /// Datagrams produced this turn, handed to the backend at flush.
     pending_tx: Vec<(usize, SocketAddr, Vec<u8>)>,
-    /// Keyframe needs raised this turn, routed at the end of it.
-    keyframe_needs: Vec<TrackId>,
+    /// Keyframe needs raised this turn (track, simulcast layer or `ANY_LAYER`), routed at the
+    /// end of it.
+    keyframe_needs: Vec<(TrackId, u8)>,
     scratch_subs: Vec<(usize, usize)>,
     /// Arrival time of each packet forwarded this turn, for the latency histogram at flush.
     forwarded_arrivals: Vec<Instant>,
     next_latency_rotate: Instant,
     next_sweep: Instant,
     next_publish: Instant,
+    /// Simulcast layer tables and the bandwidth-estimate samples, once a second.
+    next_layers_tick: Instant,
 }
 
 impl Shard {
@@ -351,6 +368,7 @@ impl Shard {
             next_latency_rotate: now + Duration::from_secs(1),
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
+            next_layers_tick: now + LAYERS_INTERVAL,
         };
         Shard {
             id: setup.id,
@@ -721,7 +739,7 @@ impl ShardState {
                 if !peer.publisher {
                     for t in &peer.tracks {
                         if t.track.is_video() {
-                            self.keyframe_needs.push(t.track);
+                            self.keyframe_needs.push((t.track, ANY_LAYER));
                         }
                     }
                 }
@@ -735,6 +753,19 @@ impl ShardState {
                 self.close_peer(key, CloseReason::Disconnected);
             }
             Event::RtpPacket(pkt) => self.on_rtp(key, pkt, now),
+            Event::StreamPaused(p) => {
+                let peer = &mut self.peers[key];
+                if let (Some(t), Some(rid)) =
+                    (peer.tracks.iter_mut().find(|t| t.mid == p.mid), p.rid)
+                {
+                    if let Some(sim) = t.sim.as_mut() {
+                        sim.set_paused(rid, p.paused);
+                    }
+                }
+            }
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                self.on_estimate(key, estimate.as_u64(), now);
+            }
             Event::MediaEgressStats(stats) => {
                 let fresh = self.peers[key].nacks_since_last(stats.mid, stats.nacks);
                 self.counters.add(Counter::Nacks, fresh);
@@ -746,7 +777,14 @@ impl ShardState {
                         KeyframeRequestKind::Fir => Counter::KeyframeInFir,
                         _ => Counter::KeyframeInPli,
                     });
-                    self.keyframe_needs.push(t.track);
+                    // Simulcast: the layer this subscriber gets.
+                    let layer = t
+                        .sub
+                        .as_ref()
+                        .and_then(|s| s.layers.as_ref())
+                        .and_then(|l| l.selector.current())
+                        .map_or(ANY_LAYER, |l| l as u8);
+                    self.keyframe_needs.push((t.track, layer));
                 }
             }
             _ => {}
@@ -760,14 +798,30 @@ impl ShardState {
             return;
         }
         let ssrc = pkt.header.ssrc;
-        let Some(track) = peer.track_for_ssrc(ssrc) else {
+        let Some((ti, raw)) = peer.track_for_ssrc(ssrc) else {
             return;
         };
+        let track = peer.tracks[ti].track;
         let Some(ts) = self.tracks.get(&track) else {
             return;
         };
         let pt = *pkt.header.payload_type;
-        let keyframe = track.is_video() && is_keyframe(ts.codec_of(pt), &pkt.payload);
+        let codec = ts.codec_of(pt);
+        let keyframe = track.is_video() && is_keyframe(codec, &pkt.payload);
+        let (layer, layers) = match peer.tracks[ti].sim.as_mut() {
+            Some(sim) => {
+                let size = if keyframe && codec == CodecKind::Vp8 {
+                    vp8_keyframe_size(&pkt.payload)
+                } else {
+                    None
+                };
+                (
+                    sim.on_packet(raw, pkt.payload.len(), size, now),
+                    sim.count(),
+                )
+            }
+            None => (0, 1),
+        };
         let view = PacketView {
             track,
             pt,
@@ -776,6 +830,8 @@ impl ShardState {
             timestamp: pkt.header.timestamp,
             marker: pkt.header.marker,
             keyframe,
+            layer,
+            layers,
             arrival: pkt.timestamp,
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
@@ -800,26 +856,44 @@ impl ShardState {
         let mut subs = std::mem::take(&mut self.scratch_subs);
         subs.clear();
         subs.extend_from_slice(&ts.local_subs);
+        let table = ts.layers.clone();
+        let vp8 = packet.layers > 1 && ts.codec_of(packet.pt) == CodecKind::Vp8;
         for &(key, ti) in &subs {
-            self.forward(key, ti, packet, now);
+            self.forward(key, ti, packet, table.as_deref(), vp8, now);
         }
         self.scratch_subs = subs;
     }
 
-    fn forward(&mut self, key: usize, ti: usize, packet: &MediaPacket, now: Instant) {
+    fn forward(
+        &mut self,
+        key: usize,
+        ti: usize,
+        packet: &MediaPacket,
+        table: Option<&LayerTable>,
+        vp8: bool,
+        now: Instant,
+    ) {
         let Some(peer) = self.peers.get_mut(key) else {
             return;
         };
         if !peer.connected {
             return;
         }
-        match peer.forward(ti, packet, now) {
+        let result = peer.forward(ti, packet, table, vp8, now);
+        if packet.layers > 1 {
+            self.poll_selector(key, ti, now);
+        }
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        match result {
             peer::Forwarded::Sent => {
                 self.counters.inc(Counter::RtpForwarded);
                 self.forwarded_arrivals.push(packet.arrival);
                 self.drain(key, now);
             }
             peer::Forwarded::NoCodec => self.counters.inc(Counter::DropNoCodec),
+            peer::Forwarded::OtherLayer => {}
             peer::Forwarded::Dropped { wants_keyframe } => {
                 self.counters.inc(Counter::DropForwarder);
                 if wants_keyframe {
@@ -829,7 +903,12 @@ impl ShardState {
                         .is_none_or(|t| now >= t + SUBSCRIBER_KEYFRAME_RETRY);
                     if due {
                         sub.last_keyframe_ask = Some(now);
-                        self.keyframe_needs.push(packet.track);
+                        let layer = if packet.layers > 1 {
+                            packet.layer
+                        } else {
+                            ANY_LAYER
+                        };
+                        self.keyframe_needs.push((packet.track, layer));
                     }
                 }
             }
@@ -846,50 +925,87 @@ impl ShardState {
                 };
                 match msg {
                     MeshMsg::Media(p) => self.deliver_local(&p, now),
-                    MeshMsg::KeyframeRequest(track) => self.request_keyframe(track, now, false),
+                    MeshMsg::KeyframeRequest(track, layer) => {
+                        self.request_keyframe(track, layer, now, false)
+                    }
+                    MeshMsg::Layers(track, table) => self.apply_layers(track, table, now),
                 }
             }
         }
     }
 
     fn route_keyframe_needs(&mut self, now: Instant) {
-        while let Some(track) = self.keyframe_needs.pop() {
-            self.request_keyframe(track, now, true);
+        while let Some((track, layer)) = self.keyframe_needs.pop() {
+            self.request_keyframe(track, layer, now, true);
         }
     }
 
-    /// Route a keyframe need to the publisher's shard, or throttle and send it if that is us.
-    fn request_keyframe(&mut self, track: TrackId, now: Instant, may_forward: bool) {
-        let Some(ts) = self.tracks.get_mut(&track) else {
+    /// Route a keyframe need to the publisher's shard, or throttle (per layer) and send it if
+    /// that is us.
+    fn request_keyframe(&mut self, track: TrackId, layer: u8, now: Instant, may_forward: bool) {
+        let Some(ts) = self.tracks.get(&track) else {
             return;
         };
         match ts.publisher_shard {
             Some(s) if s == self.id => {
-                if ts.throttle.request(now) {
-                    self.send_pli(track, now);
+                let count = self.layer_count(track);
+                let wanted = if layer == ANY_LAYER {
+                    0..count
                 } else {
-                    ts.keyframe_pending = true;
+                    layer..(layer + 1).min(count)
+                };
+                for l in wanted {
+                    let Some(ts) = self.tracks.get_mut(&track) else {
+                        return;
+                    };
+                    if ts.throttles[usize::from(l)].request(now) {
+                        self.send_pli(track, l, now);
+                    } else {
+                        ts.keyframe_pending |= 1 << l;
+                    }
                 }
             }
             Some(s) if may_forward => {
                 if let Some(out) = self.mesh.outboxes.get_mut(s) {
-                    out.push(MeshMsg::KeyframeRequest(track));
+                    out.push(MeshMsg::KeyframeRequest(track, layer));
                 }
             }
             _ => {}
         }
     }
 
-    fn send_pli(&mut self, track: TrackId, now: Instant) {
+    /// How many simulcast layers the local publisher of `track` sends (1 without simulcast).
+    fn layer_count(&self, track: TrackId) -> u8 {
+        self.tracks
+            .get(&track)
+            .and_then(|t| t.local_publisher)
+            .and_then(|(key, mid)| self.peers.get(key)?.tracks.iter().find(|t| t.mid == mid))
+            .and_then(|t| t.sim.as_ref())
+            .map_or(1, |sim| sim.count())
+    }
+
+    fn send_pli(&mut self, track: TrackId, layer: u8, now: Instant) {
         let Some((key, mid)) = self.tracks.get(&track).and_then(|t| t.local_publisher) else {
             return;
         };
         let Some(peer) = self.peers.get_mut(key) else {
             return;
         };
+        let rid = match peer
+            .tracks
+            .iter()
+            .find(|t| t.mid == mid)
+            .and_then(|t| t.sim.as_ref())
+        {
+            Some(sim) => match sim.rid_of_rank(layer) {
+                Some(rid) => Some(rid),
+                None => return,
+            },
+            None => None,
+        };
         let mut api = peer.rtc.direct_api();
         let mut sent = false;
-        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+        if let Some(rx) = api.stream_rx_by_mid(mid, rid) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
             sent = true;
         }
@@ -914,18 +1030,189 @@ impl ShardState {
         // Throttled keyframe requests that are now due.
         let mut due = Vec::new();
         for (track, ts) in self.tracks.iter_mut() {
-            if ts.keyframe_pending && ts.throttle.poll(now) {
-                ts.keyframe_pending = false;
-                due.push(*track);
+            let mut pending = ts.keyframe_pending;
+            while pending != 0 {
+                let l = pending.trailing_zeros() as u8;
+                pending &= pending - 1;
+                if ts.throttles[usize::from(l)].poll(now) {
+                    ts.keyframe_pending &= !(1 << l);
+                    due.push((*track, l));
+                }
             }
         }
-        for track in due {
-            self.send_pli(track, now);
+        for (track, layer) in due {
+            self.send_pli(track, layer, now);
+        }
+        if now >= self.next_layers_tick {
+            self.next_layers_tick = now + LAYERS_INTERVAL;
+            self.layers_tick(now);
         }
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_INTERVAL;
             self.sweep(now);
         }
+    }
+
+    /// Once a second: each local simulcast publisher's layer table goes to every shard with
+    /// subscribers of it (this one included); each subscriber's bandwidth estimate and layer
+    /// are sampled for the metrics.
+    fn layers_tick(&mut self, now: Instant) {
+        let mut tables = Vec::new();
+        for (_, peer) in self.peers.iter_mut().filter(|(_, p)| p.publisher) {
+            for t in &mut peer.tracks {
+                if let Some(sim) = t.sim.as_mut() {
+                    let (table, reranked) = sim.tick(now);
+                    if reranked {
+                        tracing::debug!(shard = self.id, session = %peer.session, track = t.track.0, ?table, "simulcast layers ranked");
+                    }
+                    tables.push((t.track, Arc::new(table)));
+                }
+            }
+        }
+        for (track, table) in tables {
+            let mut remote = self.tracks.get(&track).map_or(0, |t| t.remote_shards);
+            while remote != 0 {
+                let shard = remote.trailing_zeros() as usize;
+                remote &= remote - 1;
+                if let Some(out) = self.mesh.outboxes.get_mut(shard) {
+                    out.push(MeshMsg::Layers(track, table.clone()));
+                }
+            }
+            self.apply_layers(track, table, now);
+        }
+        let mut layers = [0u64; MAX_LAYERS + 1];
+        for (_, peer) in self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.publisher && p.connected)
+        {
+            if let Some(bps) = peer.bwe {
+                self.counters.observe_bwe(bps);
+            }
+            for l in peer
+                .tracks
+                .iter()
+                .filter_map(|t| t.sub.as_ref()?.layers.as_ref())
+            {
+                layers[l.selector.current().unwrap_or(MAX_LAYERS).min(MAX_LAYERS)] += 1;
+            }
+        }
+        self.counters.simulcast_layers = layers;
+    }
+
+    /// A simulcast track's layer table from its publisher's shard.
+    fn apply_layers(&mut self, track: TrackId, table: Arc<LayerTable>, now: Instant) {
+        let Some(ts) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        ts.layers = Some(table.clone());
+        let mut subs = std::mem::take(&mut self.scratch_subs);
+        subs.clear();
+        subs.extend_from_slice(&ts.local_subs);
+        for &(key, ti) in &subs {
+            let layers = self
+                .peers
+                .get_mut(key)
+                .and_then(|p| p.tracks.get_mut(ti))
+                .and_then(|t| t.sub.as_mut())
+                .and_then(|s| s.layers.as_mut());
+            if let Some(l) = layers {
+                l.update(&table, now);
+                self.poll_selector(key, ti, now);
+            }
+        }
+        self.scratch_subs = subs;
+    }
+
+    /// A subscriber's new egress bandwidth estimate: shared among its simulcast video tracks.
+    fn on_estimate(&mut self, key: usize, bps: u64, now: Instant) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        peer.bwe = Some(bps);
+        let selectors = peer
+            .tracks
+            .iter()
+            .filter(|t| t.sub.as_ref().is_some_and(|s| s.layers.is_some()))
+            .count() as u64;
+        if selectors == 0 {
+            return;
+        }
+        for ti in 0..peer.tracks.len() {
+            let layers = peer.tracks[ti].sub.as_mut().and_then(|s| s.layers.as_mut());
+            if let Some(l) = layers {
+                l.selector.estimate(bps / selectors, now);
+            }
+        }
+        for ti in 0..self.peers[key].tracks.len() {
+            self.poll_selector(key, ti, now);
+        }
+        self.update_bwe_targets(key, now);
+    }
+
+    /// Act on what a subscriber's layer selector for track `ti` has to say: a keyframe request
+    /// for the layer it waits for, and the switches it made (logged and counted).
+    fn poll_selector(&mut self, key: usize, ti: usize, now: Instant) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let session = peer.session;
+        let Some(t) = peer.tracks.get_mut(ti) else {
+            return;
+        };
+        let track = t.track;
+        let Some(l) = t.sub.as_mut().and_then(|s| s.layers.as_mut()) else {
+            return;
+        };
+        if let Some(layer) = l.selector.poll_keyframe_request(now) {
+            self.keyframe_needs.push((track, layer as u8));
+        }
+        let mut switched = false;
+        while let Some(e) = l.selector.poll_event() {
+            switched = true;
+            self.counters.inc(switch_counter(e.reason));
+            tracing::info!(
+                shard = self.id,
+                %session,
+                track = track.0,
+                from = ?e.from,
+                to = ?e.to,
+                reason = ?e.reason,
+                estimate_bps = ?peer.bwe,
+                "simulcast layer switch"
+            );
+        }
+        if switched {
+            self.update_bwe_targets(key, now);
+        }
+    }
+
+    /// Aim the subscriber's bandwidth estimator at its next layer up (padding and probes show
+    /// whether it fits) and at the best layer it may get.
+    fn update_bwe_targets(&mut self, key: usize, now: Instant) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let (mut minimum, mut desired) = (0u64, 0u64);
+        for t in &peer.tracks {
+            let targets = t
+                .sub
+                .as_ref()
+                .and_then(|s| s.layers.as_ref())
+                .and_then(|l| l.selector.bwe_targets());
+            if let Some(b) = targets {
+                minimum += b.minimum_bps;
+                desired += b.desired_bps;
+            }
+        }
+        if desired == 0 || peer.bwe_targets == (minimum, desired) {
+            return;
+        }
+        peer.bwe_targets = (minimum, desired);
+        peer.rtc
+            .bwe()
+            .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
+        self.drain(key, now);
     }
 
     /// Liveness: remove peers that never connected, or went silent.
@@ -949,13 +1236,19 @@ impl ShardState {
     }
 
     fn next_deadline(&self) -> Instant {
-        let mut next = self.next_sweep.min(self.next_publish);
+        let mut next = self
+            .next_sweep
+            .min(self.next_publish)
+            .min(self.next_layers_tick);
         if let Some(t) = self.timers.peek() {
             next = next.min(t);
         }
         for ts in self.tracks.values() {
-            if ts.keyframe_pending {
-                if let Some(t) = ts.throttle.next_due() {
+            let mut pending = ts.keyframe_pending;
+            while pending != 0 {
+                let l = pending.trailing_zeros() as usize;
+                pending &= pending - 1;
+                if let Some(t) = ts.throttles[l].next_due() {
                     next = next.min(t);
                 }
             }
@@ -1002,6 +1295,18 @@ impl ShardState {
         for key in keys {
             self.close_peer(key, CloseReason::Shutdown);
         }
+    }
+}
+
+fn switch_counter(reason: SwitchReason) -> Counter {
+    match reason {
+        SwitchReason::Start => Counter::SwitchStart,
+        SwitchReason::Estimate => Counter::SwitchEstimate,
+        SwitchReason::Cap => Counter::SwitchCap,
+        SwitchReason::LayerDied => Counter::SwitchLayerDied,
+        SwitchReason::LayerBack => Counter::SwitchLayerBack,
+        SwitchReason::Pause => Counter::SwitchPause,
+        SwitchReason::Resume => Counter::SwitchResume,
     }
 }
 

@@ -5,13 +5,17 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use str0m::media::Mid;
+use str0m::media::{Mid, Rids};
 use str0m::rtp::{ExtensionValues, RtpWrite, Ssrc};
 use str0m::Rtc;
 
+use super::simulcast::{SimulcastRx, SubLayers};
 use super::NewPeer;
 use crate::mesh::{MediaPacket, TrackId};
-use crate::sfu::{Decision, DropReason, Forwarder, ForwarderConfig, SourcePacket};
+use crate::sfu::{
+    Decision, DropReason, Forwarder, ForwarderConfig, LayerDecision, LayerTable, MaxLayer,
+    SourcePacket,
+};
 use crate::SessionId;
 
 /// "No payload type": the subscriber did not negotiate the publisher's codec.
@@ -23,8 +27,9 @@ pub struct Peer {
     pub ufrag: Box<[u8]>,
     pub publisher: bool,
     pub tracks: Vec<PeerTrack>,
-    /// Publisher: SSRC to index in `tracks`, learned from the first packet of each stream.
-    rx_ssrcs: Vec<(Ssrc, usize)>,
+    /// Publisher: SSRC to (index in `tracks`, raw simulcast layer), learned from the first
+    /// packet of each stream.
+    rx_ssrcs: Vec<(Ssrc, usize, u8)>,
     pub connected: bool,
     pub created: Instant,
     pub last_recv: Instant,
@@ -34,12 +39,18 @@ pub struct Peer {
     pub sources: Vec<(usize, SocketAddr)>,
     /// Cumulative NACK counts str0m last reported, per mid.
     nacks: Vec<(Mid, u64)>,
+    /// Subscriber: the latest egress bandwidth estimate (bits/s).
+    pub bwe: Option<u64>,
+    /// Subscriber: the (minimum, desired) bitrates last given to its estimator.
+    pub bwe_targets: (u64, u64),
 }
 
 pub struct PeerTrack {
     pub mid: Mid,
     pub track: TrackId,
     pub sub: Option<Subscription>,
+    /// Publisher: the track's simulcast layers, when it has several rids.
+    pub sim: Option<SimulcastRx>,
 }
 
 /// A subscriber's state for one track.
@@ -48,18 +59,28 @@ pub struct Subscription {
     /// Publisher payload type to ours.
     pub pt_map: [u8; 128],
     pub last_keyframe_ask: Option<Instant>,
+    /// The subscriber's own cap on simulcast layers (`?layer=`, `?max_height=`).
+    pub max: MaxLayer,
+    /// Simulcast: the layer selector and VP8 rewriter, once the track shows several layers.
+    pub layers: Option<Box<SubLayers>>,
 }
 
 pub enum Forwarded {
     Sent,
-    Dropped { wants_keyframe: bool },
+    Dropped {
+        wants_keyframe: bool,
+    },
     NoCodec,
+    /// A simulcast layer this subscriber does not get now.
+    OtherLayer,
     Skipped,
 }
 
 impl Peer {
     pub fn new(p: NewPeer, now: Instant) -> Peer {
         let publisher = p.publisher;
+        let max = p.max_layer;
+        let rtc = &p.rtc;
         let tracks = p
             .tracks
             .iter()
@@ -77,7 +98,15 @@ impl Peer {
                     ),
                     pt_map: [NO_PT; 128],
                     last_keyframe_ask: None,
+                    max,
+                    layers: None,
                 }),
+                sim: match rtc.media(mid).map(|m| m.rids_rx()) {
+                    Some(Rids::Specific(rids)) if publisher && track.is_video() => {
+                        SimulcastRx::new(rids, now)
+                    }
+                    _ => None,
+                },
             })
             .collect();
         Peer {
@@ -93,6 +122,8 @@ impl Peer {
             deadline: None,
             sources: Vec::with_capacity(2),
             nacks: Vec::new(),
+            bwe: None,
+            bwe_targets: (0, 0),
         }
     }
 
@@ -111,21 +142,37 @@ impl Peer {
         }
     }
 
-    /// The track a publisher's incoming SSRC belongs to.
-    pub fn track_for_ssrc(&mut self, ssrc: Ssrc) -> Option<TrackId> {
-        if let Some(&(_, i)) = self.rx_ssrcs.iter().find(|(s, _)| *s == ssrc) {
-            return Some(self.tracks[i].track);
+    /// Which of a publisher's tracks an incoming SSRC belongs to (index in `tracks`), and its
+    /// raw simulcast layer (0 without simulcast).
+    pub fn track_for_ssrc(&mut self, ssrc: Ssrc) -> Option<(usize, u8)> {
+        if let Some(&(_, i, raw)) = self.rx_ssrcs.iter().find(|(s, _, _)| *s == ssrc) {
+            return Some((i, raw));
         }
-        let mid = self.rtc.direct_api().stream_rx(&ssrc)?.mid();
+        let mut api = self.rtc.direct_api();
+        let rx = api.stream_rx(&ssrc)?;
+        let (mid, rid) = (rx.mid(), rx.rid());
         let i = self.tracks.iter().position(|t| t.mid == mid)?;
+        let raw = match (&self.tracks[i].sim, rid) {
+            (Some(sim), Some(rid)) => sim.raw_index(rid)?,
+            (Some(_), None) => return None,
+            (None, _) => 0,
+        };
         if self.rx_ssrcs.len() < 16 {
-            self.rx_ssrcs.push((ssrc, i));
+            self.rx_ssrcs.push((ssrc, i, raw));
         }
-        Some(self.tracks[i].track)
+        Some((i, raw))
     }
 
-    /// Apply the forwarder's decision for one packet on subscribed track `ti`.
-    pub fn forward(&mut self, ti: usize, packet: &MediaPacket, now: Instant) -> Forwarded {
+    /// Apply the forwarder's decision for one packet on subscribed track `ti`. `table`: the
+    /// track's simulcast layers, if known; `vp8`: the packet is VP8.
+    pub fn forward(
+        &mut self,
+        ti: usize,
+        packet: &MediaPacket,
+        table: Option<&LayerTable>,
+        vp8: bool,
+        now: Instant,
+    ) -> Forwarded {
         let Some(t) = self.tracks.get_mut(ti) else {
             return Forwarded::Skipped;
         };
@@ -136,23 +183,49 @@ impl Peer {
         if pt == NO_PT {
             return Forwarded::NoCodec;
         }
-        let decision = sub.forwarder.decide(
-            &SourcePacket {
-                ssrc: packet.ssrc,
-                seq: packet.seq,
-                timestamp: packet.timestamp,
-                marker: packet.marker,
-                keyframe: packet.keyframe,
-                arrival: packet.arrival,
-            },
-            now,
-        );
+        let source = SourcePacket {
+            ssrc: packet.ssrc,
+            seq: packet.seq,
+            timestamp: packet.timestamp,
+            marker: packet.marker,
+            keyframe: packet.keyframe,
+            arrival: packet.arrival,
+        };
+        let decision = if packet.layers > 1 {
+            let max = sub.max;
+            let estimate = self.bwe;
+            let layers = sub.layers.get_or_insert_with(|| {
+                let assumed = LayerTable::assumed(packet.layers.into());
+                let mut l = SubLayers::new(table.unwrap_or(&assumed), max, now);
+                if let Some(bps) = estimate {
+                    l.selector.estimate(bps, now);
+                }
+                Box::new(l)
+            });
+            match layers
+                .selector
+                .on_packet(packet.layer.into(), packet.keyframe, now)
+            {
+                LayerDecision::Drop => return Forwarded::OtherLayer,
+                LayerDecision::Forward => sub.forwarder.decide(&source, now),
+                LayerDecision::SwitchAndForward => {
+                    layers.vp8.resync();
+                    sub.forwarder.switch_layer(&source, now)
+                }
+            }
+        } else {
+            sub.forwarder.decide(&source, now)
+        };
         match decision {
             Decision::Forward {
                 seq,
                 timestamp,
                 marker,
             } => {
+                let patch = match sub.layers.as_mut() {
+                    Some(l) if vp8 => l.vp8_patch(packet.ssrc, &packet.payload),
+                    _ => None,
+                };
                 let mid = t.mid;
                 let video = t.track.is_video();
                 let mut api = self.rtc.direct_api();
@@ -164,18 +237,20 @@ impl Peer {
                     voice_activity: packet.voice_activity,
                     ..Default::default()
                 };
-                tx.write_rtp(
-                    RtpWrite::new(
-                        pt.into(),
-                        seq.into(),
-                        timestamp,
-                        packet.arrival,
-                        packet.payload.clone(),
-                    )
-                    .marker(marker)
-                    .nackable(video)
-                    .ext_vals(ext),
-                );
+                let mut write = RtpWrite::new(
+                    pt.into(),
+                    seq.into(),
+                    timestamp,
+                    packet.arrival,
+                    packet.payload.clone(),
+                )
+                .marker(marker)
+                .nackable(video)
+                .ext_vals(ext);
+                if let Some(patch) = patch {
+                    write = write.vp8_patch(patch);
+                }
+                tx.write_rtp(write);
                 Forwarded::Sent
             }
             Decision::Drop(reason) => Forwarded::Dropped {

@@ -127,7 +127,11 @@ pub fn payload_counter(video: bool, p: &[u8]) -> Option<u32> {
     (expect == p).then_some(counter)
 }
 
-fn http_post(url: &str, sdp: &str, token: Option<&str>) -> Result<(u16, String, String), String> {
+pub fn http_post(
+    url: &str,
+    sdp: &str,
+    token: Option<&str>,
+) -> Result<(u16, String, String), String> {
     let mut req = ureq::post(url).set("Content-Type", "application/sdp");
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
