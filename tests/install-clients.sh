@@ -3,6 +3,7 @@
 #
 #   apt   chromium                 headless browser, driven by playwright-core (/usr/bin/chromium)
 #   apt   coturn                   turnutils_stunclient / turnutils_uclient / turnutils_peer
+#   apt   iproute2                 ip and tc, for the simulcast test's network namespace and tbf link
 #   npm   playwright-core          into tests/e2e/node_modules, pinned by tests/e2e/package-lock.json
 #   PyPI  aiortc (binary wheels)   into the venv tests/e2e/.venv, pinned by tests/e2e/requirements.txt
 #
@@ -31,6 +32,7 @@ log() { printf '[install-clients] %s\n' "$*"; }
 apt_pkgs=()
 [ -x /usr/bin/chromium ] || apt_pkgs+=(chromium)
 command -v turnutils_uclient >/dev/null 2>&1 || apt_pkgs+=(coturn)
+{ command -v tc >/dev/null 2>&1 && command -v ip >/dev/null 2>&1; } || apt_pkgs+=(iproute2)
 
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
     if [ "${SKIP_APT:-0}" = 1 ]; then

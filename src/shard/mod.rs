@@ -296,6 +296,9 @@ pub(crate) fn codec_kind(p: &PayloadParams) -> CodecKind {
 
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 const LAYERS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a subscriber that wants a higher layer than its estimate allows asks for a probe.
+const PROBE_EVERY: Duration = Duration::from_secs(3);
+const PROBE_DIP_BPS: u64 = 10_000;
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_SOURCES_PER_PEER: usize = 8;
 const SUBSCRIBER_KEYFRAME_RETRY: Duration = Duration::from_millis(300);
@@ -1080,6 +1083,7 @@ impl ShardState {
             }
             self.apply_layers(track, table, now);
         }
+        self.probe_for_more(now);
         let mut layers = [0u64; MAX_LAYERS + 1];
         for (_, peer) in self
             .peers
@@ -1098,6 +1102,51 @@ impl ShardState {
             }
         }
         self.counters.simulcast_layers = layers;
+    }
+
+    /// Subscribers held below the layer they may have (or paused) ask their estimator for a probe
+    /// every `PROBE_EVERY`: str0m probes when the desired bitrate rises above the estimate, so
+    /// the desired bitrate dips for one tick and comes back. Without this the estimate, once
+    /// down, would only creep up, and a recovered link would take long to show.
+    fn probe_for_more(&mut self, now: Instant) {
+        let mut touched = Vec::new();
+        for (key, peer) in self.peers.iter_mut() {
+            let (minimum, desired) = peer.bwe_targets;
+            if peer.publisher || !peer.connected || desired == 0 {
+                continue;
+            }
+            let wants_more = peer.tracks.iter().any(|t| {
+                t.sub
+                    .as_ref()
+                    .and_then(|s| s.layers.as_ref())
+                    .is_some_and(|l| {
+                        let sel = &l.selector;
+                        sel.paused() || sel.target() < sel.max()
+                    })
+            });
+            if !wants_more || peer.bwe.is_some_and(|e| e >= desired) {
+                peer.probe_dip = false;
+                continue;
+            }
+            let dip = desired.saturating_sub(PROBE_DIP_BPS).max(minimum);
+            if peer.probe_dip {
+                peer.probe_dip = false;
+                peer.next_probe = now + PROBE_EVERY;
+                peer.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
+                touched.push(key);
+            } else if now >= peer.next_probe && dip < desired {
+                peer.probe_dip = true;
+                peer.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(dip));
+                touched.push(key);
+            }
+        }
+        for key in touched {
+            self.drain(key, now);
+        }
     }
 
     /// A simulcast track's layer table from its publisher's shard.

@@ -43,6 +43,9 @@ pub struct Peer {
     pub bwe: Option<u64>,
     /// Subscriber: the (minimum, desired) bitrates last given to its estimator.
     pub bwe_targets: (u64, u64),
+    /// Subscriber: the desired bitrate is dipped for one tick, so that restoring it probes.
+    pub probe_dip: bool,
+    pub next_probe: Instant,
 }
 
 pub struct PeerTrack {
@@ -124,6 +127,8 @@ impl Peer {
             nacks: Vec::new(),
             bwe: None,
             bwe_targets: (0, 0),
+            probe_dip: false,
+            next_probe: now,
         }
     }
 

@@ -18,6 +18,14 @@
 #                   127.0.0.1; then each player's framesDecoded grows >= 30 in the next 5 s, no page
 #                   ever reports connectionState failed/disconnected, and /metrics
 #                   drop_unknown_source + drop_malformed (all shards) grew >= half the datagrams sent
+#   chromium-simulcast  Chromium publishes its fake camera at 1280x720 as 3 VP8 simulcast layers (rids
+#                   q, h, f) via WHIP; an uncapped WHEP viewer decodes frameWidth 1280, a viewer with
+#                   ?max_height=360 decodes and never shows a frame wider than 640
+#   chromium-simulcast-tc  (tests/e2e/simulcast_netns.sh, needs root, ip, tc and SLUICE_BIN) a sluice
+#                   of its own on a veth into a fresh network namespace; the WHEP viewer's Chromium runs
+#                   in the namespace behind tc tbf 600kbit: it settles on a layer <= 640 wide and keeps
+#                   decoding (>= 10 frames/s, <= 3 freezes), then climbs back to 1280 wide within 15 s
+#                   of the limit being lifted
 #   chromium-demo-page  the real demo page at /: one page clicks Publish (fake camera), another
 #                   clicks Watch and decodes video with live stats; Stop deletes both sessions
 #   chromium-relay  chromium-vp8 with the publisher and player1 relay-only (iceTransportPolicy
@@ -35,7 +43,7 @@
 # in $E2E_LOG_DIR (default: a fresh temp dir); failed tests' logs are also copied to stderr, and
 # E2E_VERBOSE=1 streams every test's output to stderr as it runs.
 #
-# Environment: SLUICE_URL (required, loopback only), SLUICE_TOKEN, E2E_LOG_DIR, E2E_VERBOSE,
+# Environment: SLUICE_URL (required, loopback only), SLUICE_TOKEN, SLUICE_BIN (chromium-simulcast-tc), E2E_LOG_DIR, E2E_VERBOSE,
 # E2E_TEST_TIMEOUT (seconds per test, default 120), CHROMIUM (default /usr/bin/chromium),
 # SLUICE_MEDIA_PORTS (chromium-flood: every media port of sluice, e.g. 41000,41001; without it the
 # flood goes to the ports in the test's SDP answers, i.e. only the shards its sessions landed on),
@@ -45,7 +53,8 @@ set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$HERE/.venv/bin/python"
-ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood chromium-relay chromium-demo-page)
+ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood chromium-relay chromium-demo-page
+           chromium-simulcast chromium-simulcast-tc)
 
 if [ -z "${SLUICE_URL:-}" ]; then
     echo "usage: SLUICE_URL=http://127.0.0.1:PORT $0 [test ...]   (tests: ${ALL_TESTS[*]})" >&2
@@ -92,6 +101,13 @@ missing_for() {
         aiortc-*)
             { [ -x "$PY" ] && "$PY" -c 'import aiortc' 2>/dev/null; } ||
                 echo "aiortc not installed in tests/e2e/.venv: run tests/install-clients.sh" ;;
+        chromium-simulcast-tc)
+            if [ "$(id -u)" != 0 ]; then echo "chromium-simulcast-tc needs root (network namespaces, tc)"
+            elif ! command -v tc >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+                echo "chromium-simulcast-tc needs iproute2 (ip, tc): apt-get install iproute2"
+            elif ! [ -x "${SLUICE_BIN:-}" ]; then
+                echo "chromium-simulcast-tc needs SLUICE_BIN, the sluice binary it starts in its own namespace"
+            fi ;;&
         chromium-*)
             if ! command -v node >/dev/null 2>&1; then echo "node not found: run tests/install-clients.sh"
             elif ! [ -x "${CHROMIUM:-/usr/bin/chromium}" ]; then echo "${CHROMIUM:-/usr/bin/chromium} not found: run tests/install-clients.sh"
@@ -117,6 +133,10 @@ command_for() {
             [ "${E2E_RELAY_STRICT_OPTIONS:-1}" = 1 ] && CMD+=(--strict-options) ;;
         chromium-demo-page)
             CMD=(node "$HERE/demo_page.mjs" --url "$URL" --stream "$stream") ;;
+        chromium-simulcast)
+            CMD=(node "$HERE/chromium_simulcast.mjs" --url "$URL" --stream "$stream" --mode caps) ;;
+        chromium-simulcast-tc)
+            CMD=(bash "$HERE/simulcast_netns.sh") ;;
     esac
     CMD+=("${TOKEN_ARGS[@]}")
 }
