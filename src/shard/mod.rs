@@ -5,6 +5,7 @@
 
 pub mod io;
 mod peer;
+pub mod rooms;
 mod stun;
 mod timers;
 
@@ -101,6 +102,8 @@ pub enum ShardCommand {
         offer: String,
         reply: tokio::sync::oneshot::Sender<Result<IceCreds, String>>,
     },
+    /// A `/ws` room participant's renegotiation, subscription or data (see `rooms`).
+    Room(rooms::RoomCommand),
     Shutdown,
 }
 
@@ -114,6 +117,24 @@ pub enum ShardEvent {
     Closed {
         session: SessionId,
         reason: CloseReason,
+    },
+    /// A message on the peer's `sluice` data channel (rooms).
+    ChannelData {
+        session: SessionId,
+        binary: bool,
+        data: Vec<u8>,
+    },
+    /// The loudest RFC 6464 level (-dBov, 0 loudest) of a published audio track over ~150 ms.
+    AudioLevel {
+        session: SessionId,
+        track: TrackId,
+        dbov: u8,
+    },
+    /// Loss (0..1) and round-trip time of a peer, from str0m's stats (every second).
+    LinkStats {
+        session: SessionId,
+        loss: f32,
+        rtt_ms: u32,
     },
 }
 
@@ -321,6 +342,8 @@ struct ShardState {
     next_latency_rotate: Instant,
     next_sweep: Instant,
     next_publish: Instant,
+    /// Room state of peers that are `/ws` participants (or publish audio).
+    room_peers: rooms::RoomPeers,
 }
 
 impl Shard {
@@ -351,6 +374,7 @@ impl Shard {
             next_latency_rotate: now + Duration::from_secs(1),
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
+            room_peers: rooms::RoomPeers::default(),
         };
         Shard {
             id: setup.id,
@@ -524,6 +548,7 @@ impl ShardState {
                 let result = self.ice_restart(session, &offer, now);
                 let _ = reply.send(result);
             }
+            ShardCommand::Room(cmd) => self.handle_room_command(cmd, now),
             ShardCommand::Shutdown => {}
         }
     }
@@ -735,6 +760,9 @@ impl ShardState {
                 self.close_peer(key, CloseReason::Disconnected);
             }
             Event::RtpPacket(pkt) => self.on_rtp(key, pkt, now),
+            e @ (Event::ChannelOpen(..) | Event::ChannelData(_) | Event::PeerStats(_)) => {
+                self.handle_room_event(key, e, now)
+            }
             Event::MediaEgressStats(stats) => {
                 let fresh = self.peers[key].nacks_since_last(stats.mid, stats.nacks);
                 self.counters.add(Counter::Nacks, fresh);
@@ -763,6 +791,9 @@ impl ShardState {
         let Some(track) = peer.track_for_ssrc(ssrc) else {
             return;
         };
+        if !track.is_video() {
+            self.observe_audio_level(key, track, pkt.header.ext_vals.audio_level, now);
+        }
         let Some(ts) = self.tracks.get(&track) else {
             return;
         };
@@ -976,6 +1007,7 @@ impl ShardState {
             CloseReason::Shutdown => Counter::RemovedShutdown,
         });
         peer.rtc.disconnect();
+        self.forget_room_peer(key);
         for src in &peer.sources {
             self.by_source.remove(src);
         }

@@ -111,6 +111,11 @@ impl Peer {
         }
     }
 
+    /// Forget the learned SSRC-to-track mapping (a room publisher's tracks changed).
+    pub fn forget_ssrcs(&mut self) {
+        self.rx_ssrcs.clear();
+    }
+
     /// The track a publisher's incoming SSRC belongs to.
     pub fn track_for_ssrc(&mut self, ssrc: Ssrc) -> Option<TrackId> {
         if let Some(&(_, i)) = self.rx_ssrcs.iter().find(|(s, _)| *s == ssrc) {
