@@ -365,8 +365,11 @@ async fn run(
             message = socket.recv() => {
                 last_heard = Instant::now();
                 match message {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
-                        break LeaveReason::Disconnected
+                    None | Some(Err(_)) => break LeaveReason::Disconnected,
+                    Some(Ok(Message::Close(_))) => {
+                        // Flush the close reply tungstenite queued.
+                        let _ = socket.send(Message::Close(None)).await;
+                        break LeaveReason::Disconnected;
                     }
                     Some(Ok(Message::Text(text))) => {
                         if text.len() > max {

@@ -45,7 +45,7 @@ set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$HERE/.venv/bin/python"
-ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood chromium-relay chromium-demo-page)
+ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood chromium-relay chromium-demo-page chromium-room chromium-room-whip)
 
 if [ -z "${SLUICE_URL:-}" ]; then
     echo "usage: SLUICE_URL=http://127.0.0.1:PORT $0 [test ...]   (tests: ${ALL_TESTS[*]})" >&2
@@ -117,6 +117,11 @@ command_for() {
             [ "${E2E_RELAY_STRICT_OPTIONS:-1}" = 1 ] && CMD+=(--strict-options) ;;
         chromium-demo-page)
             CMD=(node "$HERE/demo_page.mjs" --url "$URL" --stream "$stream") ;;
+        chromium-room)
+            CMD=(node "$HERE/room_page.mjs" --url "$URL" --room "$stream" --mode room)
+            [ -n "${E2E_ROOM_SCREENSHOT:-}" ] && CMD+=(--screenshot "$E2E_ROOM_SCREENSHOT") ;;
+        chromium-room-whip)
+            CMD=(node "$HERE/room_page.mjs" --url "$URL" --room "$stream" --mode whip) ;;
     esac
     CMD+=("${TOKEN_ARGS[@]}")
 }
