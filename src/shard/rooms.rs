@@ -333,8 +333,10 @@ impl ShardState {
         let Some(&key) = self.by_session.get(&session) else {
             return;
         };
+        // Not open yet, or its buffer is full: the message is lost for this recipient (the
+        // control thread counted it as relayed; SCTP buffers are large next to the rate limit).
         let Some(cid) = self.room_peers.get(&key).and_then(|r| r.channel) else {
-            self.counters.inc(crate::metrics::Counter::DropRateLimited);
+            tracing::debug!(shard = self.id, %session, "data channel not open: message dropped");
             return;
         };
         let written = match self.peers[key].rtc.channel(cid) {
@@ -342,7 +344,7 @@ impl ShardState {
             None => false,
         };
         if !written {
-            self.counters.inc(crate::metrics::Counter::DropRateLimited);
+            tracing::debug!(shard = self.id, %session, "data channel full: message dropped");
         }
         self.drain(key, now);
     }
