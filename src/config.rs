@@ -165,6 +165,8 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// On SIGTERM, how long to wait for peers to leave before closing them. Default 30000.
     pub drain_timeout_ms: u64,
+    /// Participants in one `/ws` room (WHIP publishers count, WHEP viewers do not). Default 50.
+    pub max_participants_per_room: usize,
 }
 
 impl Default for LimitsConfig {
@@ -173,6 +175,7 @@ impl Default for LimitsConfig {
             max_peers: 1000,
             max_body_bytes: 64 * 1024,
             drain_timeout_ms: 30_000,
+            max_participants_per_room: 50,
         }
     }
 }
@@ -611,6 +614,7 @@ static KEYS: &[KeySpec] = &[
     key::<usize>("limits", "max_peers", "maximum peers across all shards; beyond it, 503"),
     key::<usize>("limits", "max_body_bytes", "largest accepted HTTP request body (1 KiB to 16 MiB)"),
     key::<u64>("limits", "drain_timeout_ms", "on shutdown, how long peers may stay before being closed"),
+    key::<usize>("limits", "max_participants_per_room", "participants in one /ws room (WHIP publishers count); beyond it, room_full"),
     key::<String>("log", "level", "trace|debug|info|warn|error|off, or directives like info,sluice::shard=debug (RUST_LOG overrides)"),
     key::<bool>("turn", "enabled", "run the embedded STUN/TURN server"),
     key::<SocketAddr>("turn", "listen", "UDP and TCP address:port of the STUN/TURN server"),
@@ -840,6 +844,12 @@ impl Config {
         let limits = &self.limits;
         if limits.max_peers == 0 {
             err("limits.max_peers", "must be at least 1".into());
+        }
+        if limits.max_participants_per_room == 0 {
+            err(
+                "limits.max_participants_per_room",
+                "must be at least 1".into(),
+            );
         }
         if !(MIN_BODY_BYTES..=MAX_BODY_BYTES).contains(&limits.max_body_bytes) {
             err(

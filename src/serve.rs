@@ -184,6 +184,9 @@ fn start_with(
     let http_addr = listener.local_addr()?;
 
     let control = Arc::new(Control {
+        rooms: Mutex::new(crate::control::room_hub::RoomHub::new(
+            crate::control::room_config(&config),
+        )),
         live: Mutex::new(crate::control::Live::new(config.clone())),
         draining: std::sync::atomic::AtomicBool::new(false),
         config,
@@ -265,6 +268,7 @@ async fn control_thread(
             events_ctl.handle_event(ev);
         }
     });
+    tokio::spawn(crate::control::ws::run_timers(ctl.clone()));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = crate::control::router(ctl.clone());
     let http = tokio::spawn(async move {
@@ -316,6 +320,12 @@ async fn control_thread(
     if drain {
         drain_sessions(&ctl).await;
     }
+    // Room participants hear `left` (server_shutdown) before their sockets close.
+    {
+        let mut hub = ctl.rooms.lock().expect("rooms");
+        hub.close_all(&ctl);
+    }
+    tokio::task::yield_now().await;
     let _ = stop_http.send(());
     let _ = http.await;
     // TURN relays media of the sessions kept through the drain, so it stops last.

@@ -56,6 +56,8 @@ pub fn router(control: SharedControl) -> Router {
         .route("/", get(|| async { Html(DEMO_PAGE) }))
         .route("/healthz", get(healthz))
         .route("/api/streams", get(list_streams))
+        .route("/api/rooms", get(list_rooms))
+        .route("/ws", get(super::ws::ws))
         .route("/metrics", get(metrics))
         .route("/whip/{stream}", post(whip).options(options))
         .route("/whep/{stream}", post(whep).options(options))
@@ -155,17 +157,26 @@ fn precheck<'a>(
     body: &'a Bytes,
     right: super::auth::Right,
 ) -> Result<&'a str, Response> {
-    if !valid_stream_name(stream) {
+    // WHEP may also name a room participant, `room~identity`; a token for the room covers it.
+    let watched = match super::rooms::parse_watch_name(stream) {
+        Some(super::rooms::WatchName::Participant { room, .. })
+            if right == super::auth::Right::Subscribe =>
+        {
+            Some(room)
+        }
+        _ => None,
+    };
+    if !valid_stream_name(stream) && watched.is_none() {
         c.metrics
             .signaling
             .with_label_values(&["bad_request"])
             .inc();
         return Err(text(
             StatusCode::BAD_REQUEST,
-            "stream names are 1-128 characters of A-Z a-z 0-9 - _ .",
+            "stream names are 1-128 characters of A-Z a-z 0-9 - _ . (WHEP also takes room~identity)",
         ));
     }
-    authorize(c, headers, stream, right)?;
+    authorize(c, headers, watched.unwrap_or(stream), right)?;
     if !has_content_type(headers, "application/sdp") {
         c.metrics
             .signaling
@@ -275,6 +286,21 @@ fn created(
         .into_response()
 }
 
+/// The `sub` of the request's token, when auth is on and it has one.
+fn token_identity(c: &SharedControl, headers: &HeaderMap) -> Option<String> {
+    let secret = c.live.lock().expect("live").jwt_secret.clone()?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(super::auth::bearer)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = super::auth::verify(secret.as_bytes(), token, now).ok()?;
+    (!claims.sub.is_empty() && super::rooms::valid_identity(&claims.sub)).then_some(claims.sub)
+}
+
 fn hand_over(c: &SharedControl, shard: usize, peer: NewPeer) -> Result<(), Response> {
     c.shards[shard]
         .send(ShardCommand::AddPeer(Box::new(peer)))
@@ -320,13 +346,16 @@ async fn whip(
     // One audio and one video track per stream: the first m-line of each kind.
     let mut tracks = Vec::new();
     let mut published = Vec::new();
+    let mut room_tracks = Vec::new();
     for (mid, video, codecs) in n.media {
         let track = TrackId::new(stream_id, video);
         if tracks.iter().any(|(_, t)| *t == track) {
             continue;
         }
         tracks.push((mid, track));
-        published.push((track, Arc::from(codecs)));
+        let codecs: Arc<[str0m::format::PayloadParams]> = Arc::from(codecs);
+        room_tracks.push((mid, track, codecs.clone()));
+        published.push((track, codecs));
     }
     if tracks.is_empty() {
         return negotiation_failed(
@@ -363,6 +392,45 @@ async fn whip(
     }
     drop(reg);
     c.broadcast(updates);
+    // The publisher is a participant of the room named like the stream.
+    let joined = c.rooms.lock().expect("rooms").join_whip(
+        &c,
+        &stream,
+        token_identity(&c, &headers),
+        session,
+        shard,
+        room_tracks,
+    );
+    if let Err(refusal) = joined {
+        let undo = c.registry.lock().expect("registry").remove(&session);
+        if let Some((_, u)) = undo {
+            c.broadcast(u);
+        }
+        let _ = c.shards[shard].send(ShardCommand::RemovePeer {
+            session,
+            reason: CloseReason::Deleted,
+        });
+        let outcome = if refusal.http_status() == 503 {
+            "room_full"
+        } else {
+            "conflict"
+        };
+        c.metrics.signaling.with_label_values(&[outcome]).inc();
+        c.rooms
+            .lock()
+            .expect("rooms")
+            .metrics
+            .joins
+            .with_label_values(&[refusal.code().as_str()])
+            .inc();
+        let status = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::CONFLICT);
+        let mut r = text(status, format!("room {stream:?}: {refusal}"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        return r;
+    }
     c.metrics.signaling.with_label_values(&["created"]).inc();
     tracing::info!(%session, %stream, shard, "publisher created");
     let links = ice_server_links(&c, &headers, &session.to_string());
@@ -424,8 +492,29 @@ async fn whep(
     };
     let session = SessionId::random();
     let shard = shard_for(session, c.shards.len());
+    let watched = match super::rooms::parse_watch_name(&stream) {
+        Some(super::rooms::WatchName::Participant { room, identity }) => {
+            let screen = query
+                .as_deref()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "source=screen"));
+            match c.rooms.lock().expect("rooms").watch(room, identity, screen) {
+                Some(tracks) => Some(super::registry::Published {
+                    stream_id: 0,
+                    tracks,
+                }),
+                None => {
+                    c.metrics.signaling.with_label_values(&["not_found"]).inc();
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        format!("nobody in room {room:?} is {identity:?} and publishes that"),
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
     let mut reg = c.registry.lock().expect("registry");
-    let published = match reg.published(&stream) {
+    let published = match watched.map(Ok).unwrap_or_else(|| reg.published(&stream)) {
         Ok(p) => p,
         Err(_) => {
             c.metrics.signaling.with_label_values(&["not_found"]).inc();
@@ -446,13 +535,18 @@ async fn whep(
     };
     let mut tracks = Vec::new();
     for (mid, video, _) in &n.media {
-        let track = TrackId::new(published.stream_id, *video);
+        // The stream's (or participant's) one track of this kind.
+        let Some(&(track, _)) = published
+            .tracks
+            .iter()
+            .find(|(t, _)| t.is_video() == *video)
+        else {
+            continue;
+        };
         if tracks.iter().any(|(_, t)| *t == track) {
             continue;
         }
-        if published.tracks.iter().any(|(t, _)| *t == track) {
-            tracks.push((*mid, track));
-        }
+        tracks.push((*mid, track));
     }
     // Every published kind the viewer asked for must have a common codec.
     for (track, codecs) in &published.tracks {
@@ -858,6 +952,11 @@ async fn list_streams(State(c): State<SharedControl>) -> Response {
     axum::Json(serde_json::json!({ "streams": v })).into_response()
 }
 
+async fn list_rooms(State(c): State<SharedControl>) -> Response {
+    let rooms = c.rooms.lock().expect("rooms").rooms.summaries();
+    axum::Json(serde_json::json!({ "rooms": rooms })).into_response()
+}
+
 async fn metrics(State(c): State<SharedControl>) -> Response {
     let stats: Vec<&crate::metrics::ShardStats> = c.shards.iter().map(|s| &*s.stats).collect();
     let gauges = {
@@ -872,6 +971,7 @@ async fn metrics(State(c): State<SharedControl>) -> Response {
     };
     let mut text = c.metrics.render(&stats, &gauges);
     c.turn_stats.write_prometheus(&mut text);
+    text.push_str(&c.rooms.lock().expect("rooms").metrics.render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

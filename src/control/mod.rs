@@ -7,7 +7,9 @@ mod http;
 pub mod negotiate;
 pub mod placement;
 pub mod registry;
+pub mod room_hub;
 pub mod rooms;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,8 @@ pub struct Control {
     pub turn_stats: Arc<crate::turn::TurnStats>,
     /// Where the embedded TURN server listens (UDP and TCP), when it runs.
     pub turn_addr: Option<SocketAddr>,
+    /// `/ws` rooms and their peers. Lock before `registry` when both are needed.
+    pub rooms: Mutex<room_hub::RoomHub>,
 }
 
 pub type SharedControl = Arc<Control>;
@@ -66,6 +70,14 @@ impl Live {
 
     pub fn apply(&mut self, config: Config) {
         *self = Live::new(config);
+    }
+}
+
+/// The rooms' limits from the configuration.
+pub fn room_config(config: &Config) -> rooms::RoomConfig {
+    rooms::RoomConfig {
+        max_participants: config.limits.max_participants_per_room,
+        ..Default::default()
     }
 }
 
@@ -105,7 +117,7 @@ impl Control {
     }
 
     /// React to what the shards report.
-    pub fn handle_event(&self, event: ShardEvent) {
+    pub fn handle_event(self: &Arc<Self>, event: ShardEvent) {
         match event {
             ShardEvent::Connected { session, shard } => {
                 tracing::info!(%session, shard, "peer connected");
@@ -113,6 +125,10 @@ impl Control {
                     .lock()
                     .expect("registry")
                     .mark_connected(&session);
+                self.rooms
+                    .lock()
+                    .expect("rooms")
+                    .session_connected(self, session);
             }
             ShardEvent::Closed { session, reason } => {
                 let removed = self.registry.lock().expect("registry").remove(&session);
@@ -120,7 +136,34 @@ impl Control {
                     tracing::info!(%session, stream = %info.stream, reason = reason.as_str(), "peer closed");
                     self.broadcast(updates);
                 }
+                self.rooms
+                    .lock()
+                    .expect("rooms")
+                    .session_closed(self, session);
             }
+            ShardEvent::ChannelData {
+                session,
+                binary,
+                data,
+            } => self
+                .rooms
+                .lock()
+                .expect("rooms")
+                .channel_data(self, session, binary, &data),
+            ShardEvent::AudioLevel { session, dbov, .. } => self
+                .rooms
+                .lock()
+                .expect("rooms")
+                .audio_level(self, session, dbov),
+            ShardEvent::LinkStats {
+                session,
+                loss,
+                rtt_ms,
+            } => self
+                .rooms
+                .lock()
+                .expect("rooms")
+                .link_stats(self, session, loss, rtt_ms),
         }
     }
 }

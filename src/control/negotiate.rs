@@ -25,13 +25,16 @@ pub enum NegotiationError {
     Unusable(String),
 }
 
+/// The m-lines that carry media in the direction asked for: (mid, is video, codecs).
+pub type NegotiatedMedia = Vec<(Mid, bool, Vec<PayloadParams>)>;
+
 /// A negotiated peer, not yet connected.
 pub struct Negotiated {
     pub rtc: Rtc,
     pub answer: String,
     pub ufrag: String,
     /// The m-lines that carry media in the direction asked for: (mid, is video, codecs).
-    pub media: Vec<(Mid, bool, Vec<PayloadParams>)>,
+    pub media: NegotiatedMedia,
 }
 
 /// Settings shared by every peer of the process.
@@ -85,6 +88,22 @@ impl PeerTemplate {
         self.negotiate(offer, candidates, Some(codecs), false)
     }
 
+    /// A room participant's subscribe peer connection: no offer yet (the shard makes them),
+    /// every codec sluice forwards, the shard's candidates.
+    pub fn subscriber(&self, candidates: &[SocketAddr]) -> Result<(Rtc, String), String> {
+        // Like a WHEP viewer, it gets a bandwidth estimate that picks its simulcast layers.
+        let mut rtc = self
+            .config(None)
+            .enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)))
+            .build(Instant::now());
+        for addr in candidates {
+            let c = Candidate::host(*addr, "udp").map_err(|e| format!("candidate {addr}: {e}"))?;
+            rtc.add_local_candidate(c);
+        }
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        Ok((rtc, ufrag))
+    }
+
     fn negotiate(
         &self,
         offer: &str,
@@ -92,9 +111,6 @@ impl PeerTemplate {
         codecs: Option<&[PayloadParams]>,
         publish: bool,
     ) -> Result<Negotiated, NegotiationError> {
-        let offer_text = offer;
-        let offer = SdpOffer::from_sdp_string(offer)
-            .map_err(|e| NegotiationError::Malformed(e.to_string()))?;
         let now = Instant::now();
         let mut rtc = self.config(codecs).build(now);
         for addr in candidates {
@@ -102,38 +118,53 @@ impl PeerTemplate {
                 .map_err(|e| NegotiationError::Rejected(format!("candidate {addr}: {e}")))?;
             rtc.add_local_candidate(c);
         }
-        let answer = rtc
-            .sdp_api()
-            .accept_offer(offer)
-            .map_err(|e| NegotiationError::Rejected(e.to_string()))?;
-        // str0m announces media as events only once connected; read the m-lines directly.
-        let mut media = Vec::new();
-        for mid in offer_mids(offer_text) {
-            let Some(m) = rtc.media(mid) else {
-                continue;
-            };
-            let wanted = if publish {
-                matches!(m.direction(), Direction::RecvOnly | Direction::SendRecv)
-            } else {
-                matches!(m.direction(), Direction::SendOnly | Direction::SendRecv)
-            };
-            if !wanted || !matches!(m.kind(), MediaKind::Audio | MediaKind::Video) {
-                continue;
-            }
-            let params = negotiated_params(&rtc, mid);
-            if params.is_empty() {
-                continue;
-            }
-            media.push((mid, m.kind() == MediaKind::Video, params));
-        }
+        let (answer, media) = answer_on(&mut rtc, offer, publish)?;
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         Ok(Negotiated {
             rtc,
-            answer: candidates_in_every_section(&answer.to_sdp_string()),
+            answer,
             ufrag,
             media,
         })
     }
+}
+
+/// Accept `offer` on `rtc` (new, or renegotiating a room participant's publish connection):
+/// the answer, with the candidates in every section, and the m-lines carrying media in the
+/// direction asked for (`publish`: towards sluice).
+pub fn answer_on(
+    rtc: &mut Rtc,
+    offer: &str,
+    publish: bool,
+) -> Result<(String, NegotiatedMedia), NegotiationError> {
+    let offer_text = offer;
+    let offer =
+        SdpOffer::from_sdp_string(offer).map_err(|e| NegotiationError::Malformed(e.to_string()))?;
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| NegotiationError::Rejected(e.to_string()))?;
+    // str0m announces media as events only once connected; read the m-lines directly.
+    let mut media = Vec::new();
+    for mid in offer_mids(offer_text) {
+        let Some(m) = rtc.media(mid) else {
+            continue;
+        };
+        let wanted = if publish {
+            matches!(m.direction(), Direction::RecvOnly | Direction::SendRecv)
+        } else {
+            matches!(m.direction(), Direction::SendOnly | Direction::SendRecv)
+        };
+        if !wanted || !matches!(m.kind(), MediaKind::Audio | MediaKind::Video) {
+            continue;
+        }
+        let params = negotiated_params(rtc, mid);
+        if params.is_empty() {
+            continue;
+        }
+        media.push((mid, m.kind() == MediaKind::Video, params));
+    }
+    Ok((candidates_in_every_section(&answer.to_sdp_string()), media))
 }
 
 /// Repeat the host candidates in every m-section and close each with `a=end-of-candidates`.

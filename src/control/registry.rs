@@ -46,8 +46,6 @@ struct Stream {
     /// The current publisher's codecs per track.
     codecs: HashMap<TrackId, Arc<[PayloadParams]>>,
     viewers: HashSet<SessionId>,
-    /// Subscribers per (track, shard), so shards hear only 0 <-> 1 transitions.
-    interest: HashMap<(TrackId, ShardId), u32>,
 }
 
 /// A change every shard must apply.
@@ -83,6 +81,9 @@ pub struct Published {
 #[derive(Debug, Default)]
 pub struct Registry {
     streams: HashMap<String, Stream>,
+    /// Subscribers per (track, shard), WHEP viewers and room participants alike, so shards hear
+    /// only 0 <-> 1 transitions. Track ids are unique in the process.
+    interest: HashMap<(TrackId, ShardId), u32>,
     sessions: HashMap<SessionId, SessionInfo>,
     next_stream_id: u64,
 }
@@ -224,15 +225,7 @@ impl Registry {
         stream.viewers.insert(session);
         let mut updates = Vec::new();
         for &track in &tracks {
-            let n = stream.interest.entry((track, shard)).or_insert(0);
-            *n += 1;
-            if *n == 1 {
-                updates.push(RouteUpdate::Interest {
-                    track,
-                    shard,
-                    interested: true,
-                });
-            }
+            updates.extend(self.add_interest(track, shard));
         }
         self.sessions.insert(
             session,
@@ -274,25 +267,43 @@ impl Registry {
             }
             SessionKind::Play => {
                 stream.viewers.remove(session);
-                for &track in &info.tracks {
-                    if let Some(n) = stream.interest.get_mut(&(track, info.shard)) {
-                        *n -= 1;
-                        if *n == 0 {
-                            stream.interest.remove(&(track, info.shard));
-                            updates.push(RouteUpdate::Interest {
-                                track,
-                                shard: info.shard,
-                                interested: false,
-                            });
-                        }
-                    }
-                }
             }
         }
         if stream.publisher.is_none() && stream.viewers.is_empty() {
             self.streams.remove(&info.stream);
         }
+        if info.kind == SessionKind::Play {
+            for &track in &info.tracks {
+                updates.extend(self.remove_interest(track, info.shard));
+            }
+        }
         Some((info, updates))
+    }
+
+    /// One more subscriber of `track` on `shard` (a viewer, or a room participant).
+    pub fn add_interest(&mut self, track: TrackId, shard: ShardId) -> Option<RouteUpdate> {
+        let n = self.interest.entry((track, shard)).or_insert(0);
+        *n += 1;
+        (*n == 1).then_some(RouteUpdate::Interest {
+            track,
+            shard,
+            interested: true,
+        })
+    }
+
+    /// One subscriber of `track` on `shard` fewer.
+    pub fn remove_interest(&mut self, track: TrackId, shard: ShardId) -> Option<RouteUpdate> {
+        let n = self.interest.get_mut(&(track, shard))?;
+        *n -= 1;
+        if *n > 0 {
+            return None;
+        }
+        self.interest.remove(&(track, shard));
+        Some(RouteUpdate::Interest {
+            track,
+            shard,
+            interested: false,
+        })
     }
 
     /// `(name, has publisher, viewers)` for every stream, sorted by name.

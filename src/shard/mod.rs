@@ -5,6 +5,7 @@
 
 pub mod io;
 mod peer;
+pub mod rooms;
 mod simulcast;
 mod stun;
 mod timers;
@@ -109,6 +110,8 @@ pub enum ShardCommand {
         offer: String,
         reply: tokio::sync::oneshot::Sender<Result<IceCreds, String>>,
     },
+    /// A `/ws` room participant's renegotiation, subscription or data (see `rooms`).
+    Room(rooms::RoomCommand),
     Shutdown,
 }
 
@@ -122,6 +125,24 @@ pub enum ShardEvent {
     Closed {
         session: SessionId,
         reason: CloseReason,
+    },
+    /// A message on the peer's `sluice` data channel (rooms).
+    ChannelData {
+        session: SessionId,
+        binary: bool,
+        data: Vec<u8>,
+    },
+    /// The loudest RFC 6464 level (-dBov, 0 loudest) of a published audio track over ~150 ms.
+    AudioLevel {
+        session: SessionId,
+        track: TrackId,
+        dbov: u8,
+    },
+    /// Loss (0..1) and round-trip time of a peer, from str0m's stats (every second).
+    LinkStats {
+        session: SessionId,
+        loss: f32,
+        rtt_ms: u32,
     },
 }
 
@@ -341,6 +362,8 @@ struct ShardState {
     next_publish: Instant,
     /// Simulcast layer tables and the bandwidth-estimate samples, once a second.
     next_layers_tick: Instant,
+    /// Room state of peers that are `/ws` participants (or publish audio).
+    room_peers: rooms::RoomPeers,
 }
 
 impl Shard {
@@ -372,6 +395,7 @@ impl Shard {
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
             next_layers_tick: now + LAYERS_INTERVAL,
+            room_peers: rooms::RoomPeers::default(),
         };
         Shard {
             id: setup.id,
@@ -545,6 +569,7 @@ impl ShardState {
                 let result = self.ice_restart(session, &offer, now);
                 let _ = reply.send(result);
             }
+            ShardCommand::Room(cmd) => self.handle_room_command(cmd, now),
             ShardCommand::Shutdown => {}
         }
     }
@@ -769,6 +794,9 @@ impl ShardState {
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
                 self.on_estimate(key, estimate.as_u64(), now);
             }
+            e @ (Event::ChannelOpen(..) | Event::ChannelData(_) | Event::PeerStats(_)) => {
+                self.handle_room_event(key, e, now)
+            }
             Event::MediaEgressStats(stats) => {
                 let fresh = self.peers[key].nacks_since_last(stats.mid, stats.nacks);
                 self.counters.add(Counter::Nacks, fresh);
@@ -805,13 +833,16 @@ impl ShardState {
             return;
         };
         let track = peer.tracks[ti].track;
+        if !track.is_video() {
+            self.observe_audio_level(key, track, pkt.header.ext_vals.audio_level, now);
+        }
         let Some(ts) = self.tracks.get(&track) else {
             return;
         };
         let pt = *pkt.header.payload_type;
         let codec = ts.codec_of(pt);
         let keyframe = track.is_video() && is_keyframe(codec, &pkt.payload);
-        let (layer, layers) = match peer.tracks[ti].sim.as_mut() {
+        let (layer, layers) = match self.peers[key].tracks[ti].sim.as_mut() {
             Some(sim) => {
                 let size = if keyframe && codec == CodecKind::Vp8 {
                     vp8_keyframe_size(&pkt.payload)
@@ -1318,6 +1349,7 @@ impl ShardState {
             CloseReason::Shutdown => Counter::RemovedShutdown,
         });
         peer.rtc.disconnect();
+        self.forget_room_peer(key);
         for src in &peer.sources {
             self.by_source.remove(src);
         }

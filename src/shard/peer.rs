@@ -48,6 +48,14 @@ pub struct Peer {
     pub next_probe: Instant,
 }
 
+/// A published video track's simulcast layers, when its m-line negotiated several rids.
+pub fn simulcast_rx(rtc: &Rtc, mid: Mid, track: TrackId, now: Instant) -> Option<SimulcastRx> {
+    match rtc.media(mid).map(|m| m.rids_rx()) {
+        Some(Rids::Specific(rids)) if track.is_video() => SimulcastRx::new(rids, now),
+        _ => None,
+    }
+}
+
 pub struct PeerTrack {
     pub mid: Mid,
     pub track: TrackId,
@@ -104,11 +112,10 @@ impl Peer {
                     max,
                     layers: None,
                 }),
-                sim: match rtc.media(mid).map(|m| m.rids_rx()) {
-                    Some(Rids::Specific(rids)) if publisher && track.is_video() => {
-                        SimulcastRx::new(rids, now)
-                    }
-                    _ => None,
+                sim: if publisher {
+                    simulcast_rx(rtc, mid, track, now)
+                } else {
+                    None
                 },
             })
             .collect();
@@ -145,6 +152,11 @@ impl Peer {
                 total
             }
         }
+    }
+
+    /// Forget the learned SSRC-to-track mapping (a room publisher's tracks changed).
+    pub fn forget_ssrcs(&mut self) {
+        self.rx_ssrcs.clear();
     }
 
     /// Which of a publisher's tracks an incoming SSRC belongs to (index in `tracks`), and its

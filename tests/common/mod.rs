@@ -18,6 +18,8 @@ use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use sluice::config::{Config, IoBackend};
 use sluice::serve::Server;
 
+pub mod room;
+
 pub fn init_log() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

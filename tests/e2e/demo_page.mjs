@@ -52,6 +52,7 @@ try {
   };
 
   const pub = await open('publisher');
+  await pub.click('#tab-publish');
   await pub.fill('#pub-stream', STREAM);
   await pub.click('#pub-start');
   await pub.waitForFunction(() => document.querySelector('#pub-stop') && !document.querySelector('#pub-stop').disabled, null, { timeout: 15000 })
@@ -59,6 +60,7 @@ try {
   console.log('publisher: publishing');
 
   const viewer = await open('viewer');
+  await viewer.click('#tab-watch');
   await viewer.fill('#watch-stream', STREAM);
   await viewer.click('#watch-start');
   await viewer.waitForFunction(() => !document.querySelector('#watch-stop').disabled, null, { timeout: 15000 })

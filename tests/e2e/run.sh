@@ -54,7 +54,7 @@ set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$HERE/.venv/bin/python"
 ALL_TESTS=(aiortc-vp8 chromium-vp8 chromium-h264 chromium-flood chromium-relay chromium-demo-page
-           chromium-simulcast chromium-simulcast-tc)
+           chromium-room chromium-room-whip chromium-simulcast chromium-simulcast-tc)
 
 if [ -z "${SLUICE_URL:-}" ]; then
     echo "usage: SLUICE_URL=http://127.0.0.1:PORT $0 [test ...]   (tests: ${ALL_TESTS[*]})" >&2
@@ -133,6 +133,11 @@ command_for() {
             [ "${E2E_RELAY_STRICT_OPTIONS:-1}" = 1 ] && CMD+=(--strict-options) ;;
         chromium-demo-page)
             CMD=(node "$HERE/demo_page.mjs" --url "$URL" --stream "$stream") ;;
+        chromium-room)
+            CMD=(node "$HERE/room_page.mjs" --url "$URL" --room "$stream" --mode room)
+            [ -n "${E2E_ROOM_SCREENSHOT:-}" ] && CMD+=(--screenshot "$E2E_ROOM_SCREENSHOT") ;;
+        chromium-room-whip)
+            CMD=(node "$HERE/room_page.mjs" --url "$URL" --room "$stream" --mode whip) ;;
         chromium-simulcast)
             CMD=(node "$HERE/chromium_simulcast.mjs" --url "$URL" --stream "$stream" --mode caps) ;;
         chromium-simulcast-tc)

@@ -626,6 +626,12 @@ impl Rooms {
         })
     }
 
+    /// The last `Renegotiate` of `id` changed nothing on its connection, so no offer was made:
+    /// the subscribe connection is idle again (and renegotiates if something changed since).
+    pub fn subscriber_unchanged(&mut self, id: ParticipantId, _now: Instant) -> Vec<Action> {
+        self.in_room(id, |room, _, _, out| room.subscriber_unchanged(id, out))
+    }
+
     /// The subscribe connection could not be offered or could not take the answer: the
     /// participant is removed (it cannot receive anything any more).
     pub fn subscriber_failed(&mut self, id: ParticipantId, now: Instant) -> Vec<Action> {

@@ -797,6 +797,19 @@ impl Room {
         send(out, vec![id], ServerMessage::Offer { seq, sdp, tracks });
     }
 
+    pub(super) fn subscriber_unchanged(&mut self, id: ParticipantId, out: &mut Vec<Action>) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        if !matches!(p.subscribe, SubscribeState::Requested(_)) {
+            return;
+        }
+        p.subscribe = SubscribeState::Idle;
+        if std::mem::take(&mut p.renegotiate_after) {
+            self.renegotiate([id].into(), out);
+        }
+    }
+
     pub(super) fn set_connected(&mut self, id: ParticipantId, pc: PcKind) {
         if let Some(p) = self.participants.get_mut(&id) {
             p.connected[pc as usize] = true;

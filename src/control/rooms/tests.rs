@@ -1136,3 +1136,24 @@ fn candidates_and_subscriber_failures() {
         ]
     );
 }
+
+#[test]
+fn unchanged_renegotiation_goes_idle_and_catches_up() {
+    let mut b = Bench::new(config());
+    let (a, _) = b.join("demo", "ann");
+    let (bob, _) = b.join("demo", "bob");
+    let out = b.publish(a, &AV[..1]);
+    assert_eq!(renegotiations(&out).len(), 1);
+    // The caller found nothing to change: no offer goes out, and bob is idle again.
+    let out = b.rooms.subscriber_unchanged(bob, b.now);
+    assert!(sent_to(&out, bob).is_empty(), "{out:?}");
+    // So the next change renegotiates at once.
+    let out = b.publish(a, AV);
+    assert_eq!(renegotiations(&out).len(), 1, "{out:?}");
+    // Changes while the request was outstanding are caught up after it.
+    let _ = b.publish(a, &AV[..1]);
+    let out = b.rooms.subscriber_unchanged(bob, b.now);
+    assert_eq!(renegotiations(&out).len(), 1, "{out:?}");
+    // Ignored when nothing was requested.
+    let _ = b.rooms.subscriber_unchanged(a, b.now);
+}
