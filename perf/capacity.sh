@@ -4,6 +4,7 @@
 #
 #   perf/capacity.sh                 # the standard set, sized for a 2-CPU machine
 #   SFU_CPUS=2-5 LG_CPUS=6-15 FANOUT_SUBS=2000 perf/capacity.sh   # a bigger box
+#   CASES="fanout-uring fanout-simulcast-uring" perf/capacity.sh   # some cases only (names below)
 #
 # Everything runs on loopback (127.0.0.1) and every step is bounded in time. See perf/README.md.
 set -euo pipefail
@@ -148,6 +149,10 @@ if note.startswith("@ratio:"):
     notes.append("uring/mmsg egress per CPU-s = " + ("n/a" if not u or not m else f"{u / m:.2f}"))
 elif note:
     notes.append(note)
+sc = s.get("simulcast")
+if sc:
+    notes.append("simulcast: subscribers on layers l/m/h " + "/".join(str(n) for n in sc["subscribers_per_layer"])
+                 + f", {sc['layer_changes']} layer changes; delivered counts audio only")
 fl = s.get("sfu_forward_latency_us")
 if fl:
     notes.append(f"sluice's own forward latency p50/p99 {fl['p50']:.0f}/{fl['p99']:.0f} us")
@@ -182,6 +187,9 @@ json_get() { python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(
 run_case() {
     local name=$1 io=$2 note=$3
     shift 3
+    if [ -n "${CASES:-}" ] && [[ " $CASES " != *" $name "* ]]; then
+        return 0
+    fi
     local json=$OUT/$name.json chart=$CHARTS/$name.svg
     echo "== $name ($io): sluice-loadgen $*"
     start_sluice "$io"
@@ -216,6 +224,7 @@ echo "== machine: $MACHINE; sluice on CPU(s) $SFU_CPUS ($SFU_SHARDS shard(s)), l
 
 run_case fanout-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
 run_case fanout-mmsg mmsg "@ratio:$OUT/fanout-uring.json" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
+run_case fanout-simulcast-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION" --simulcast
 run_case audio-uring uring "" audio --publishers "$AUDIO_PUBS" --subscribers "$AUDIO_SUBS" --duration "$DURATION"
 run_case ramp-uring uring "" ramp --publishers 1 --rate "$RAMP_RATE" --max-p99 "$RAMP_MAX_P99_MS" --duration "$RAMP_SECONDS"
 if [ -f "$OUT/ramp-uring.json" ]; then

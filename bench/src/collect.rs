@@ -62,6 +62,9 @@ pub struct Collector {
     pub done: usize,
     pub unfinished: usize,
     rows: Vec<Row>,
+    /// Simulcast: each subscriber's current layer, and layer changes seen.
+    pub layer_of: HashMap<u32, u8>,
+    pub layer_changes: u64,
 }
 
 impl Collector {
@@ -162,6 +165,11 @@ impl Collector {
                 self.failure(role.name(), format!("lost after joining: {reason}"));
             }
             ShardEvent::Failure { reason } => self.failure("any", reason),
+            ShardEvent::Layer { id, layer } => {
+                if self.layer_of.insert(id, layer).is_some() {
+                    self.layer_changes += 1;
+                }
+            }
             ShardEvent::Stats(f) => self.on_stats(*f),
             ShardEvent::Done { unfinished } => {
                 self.done += 1;

@@ -118,6 +118,10 @@ struct Common {
     /// Video bitrate per publisher, bits/s.
     #[arg(long, default_value_t = 1_500_000)]
     video_bitrate: u64,
+    /// Publishers send video as three simulcast layers (rids l, m, h at 1/10, 1/3 and all of
+    /// --video-bitrate); the summary shows how subscribers spread over them.
+    #[arg(long)]
+    simulcast: bool,
     /// Seconds between keyframes.
     #[arg(long, default_value_t = 2.0)]
     keyframe_interval: f64,
@@ -174,6 +178,7 @@ impl Common {
                     keyframe_interval: Duration::from_secs_f64(self.keyframe_interval),
                 }),
                 audio_bytes: Some((self.audio_bitrate / 8 / media::AUDIO_PPS) as usize),
+                simulcast: self.simulcast && video,
             },
             stream_prefix: self.stream_prefix.clone(),
             quiet: self.quiet,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use std::net::UdpSocket;
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid, Pt};
+use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
@@ -18,7 +18,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig}
 use crate::accounting::SeqTracker;
 use crate::clock::mono_ns;
 use crate::http::request_async;
-use crate::media::{opus_payload, VideoSource, AUDIO_PPS, AUDIO_TS_STEP};
+use crate::media::{opus_payload, VideoConfig, VideoSource, AUDIO_PPS, AUDIO_TS_STEP};
 use crate::probe::{Probe, StreamId};
 use crate::shard::{Shard, ShardEvent};
 use crate::udp::{self, Readiness};
@@ -144,15 +144,31 @@ struct Peer {
     read_ns: u64,
     trackers: [SeqTracker; 2],
     // Publisher state.
-    keyframe_requested: bool,
-    next_video: Instant,
     next_audio: Instant,
-    video_source: Option<VideoSource>,
+    /// Video: one source, or one per simulcast layer (low to high).
+    layers: Vec<VideoLayer>,
+    audio_probe_seq: u32,
+    audio_rtp_seq: u64,
+    audio_ts: u32,
+    /// Subscriber, simulcast: the layer its video last came from.
+    layer: Option<u8>,
+}
+
+/// The rids of `--simulcast` publishers, low to high, and each layer's share of
+/// `--video-bitrate` (the top layer's rate), as browsers' usual quarter, half and full size.
+pub const SIMULCAST_RIDS: [&str; 3] = ["l", "m", "h"];
+pub const SIMULCAST_SHARE: [f64; 3] = [0.1, 1.0 / 3.0, 1.0];
+
+/// One video stream a publisher sends: the only one, or a simulcast layer.
+struct VideoLayer {
+    rid: Option<Rid>,
+    source: VideoSource,
+    next: Instant,
+    keyframe_requested: bool,
     /// The current frame's packets not yet written: (payload, RTP time, marker).
     pending: std::collections::VecDeque<(Vec<u8>, u32, bool)>,
-    probe_seq: [u32; 2],
-    rtp_seq: [u64; 2],
-    audio_ts: u32,
+    probe_seq: u32,
+    rtp_seq: u64,
 }
 
 async fn connect(shard: &Shard, spec: &PeerSpec) -> Result<Peer, String> {
@@ -182,10 +198,17 @@ async fn connect(shard: &Shard, spec: &PeerSpec) -> Result<Peer, String> {
         Role::Subscriber => Direction::RecvOnly,
     };
     let mut api = rtc.sdp_api();
+    let simulcast = (shard.plan.simulcast && spec.role == Role::Publisher).then(|| Simulcast {
+        send: SIMULCAST_RIDS
+            .iter()
+            .map(|r| SimulcastLayer::new(r))
+            .collect(),
+        recv: Vec::new(),
+    });
     let video_mid = shard
         .plan
         .video
-        .map(|_| api.add_media(MediaKind::Video, dir, None, None, None));
+        .map(|_| api.add_media(MediaKind::Video, dir, None, None, simulcast));
     let audio_mid = shard
         .plan
         .audio_bytes
@@ -266,21 +289,42 @@ async fn connect(shard: &Shard, spec: &PeerSpec) -> Result<Peer, String> {
         arrived_ns: 0,
         read_ns: 0,
         trackers: [SeqTracker::default(), SeqTracker::default()],
-        keyframe_requested: false,
-        next_video: now + phase,
         next_audio: now + phase / 2,
-        video_source: (spec.role == Role::Publisher)
-            .then_some(shard.plan.video)
-            .flatten()
-            .map(VideoSource::new),
-        pending: Default::default(),
-        probe_seq: [0, 0],
-        rtp_seq: [
-            1000 + u64::from(spec.id) * 7,
-            3000 + u64::from(spec.id) * 13,
-        ],
+        layers: video_layers(shard, spec, now + phase),
+        audio_probe_seq: 0,
+        audio_rtp_seq: 3000 + u64::from(spec.id) * 13,
         audio_ts: spec.id.wrapping_mul(48_000),
+        layer: None,
     })
+}
+
+/// A publisher's video streams: one, or the simulcast layers (each at its share of the bitrate,
+/// its own sequence numbers, frames at the same instants).
+fn video_layers(shard: &Shard, spec: &PeerSpec, first: Instant) -> Vec<VideoLayer> {
+    let Some(cfg) = shard.plan.video.filter(|_| spec.role == Role::Publisher) else {
+        return Vec::new();
+    };
+    let layer = |rid: Option<Rid>, bitrate_bps: u64, n: u64| VideoLayer {
+        rid,
+        source: VideoSource::new(VideoConfig { bitrate_bps, ..cfg }),
+        next: first,
+        keyframe_requested: false,
+        pending: Default::default(),
+        probe_seq: 0,
+        rtp_seq: 1000 + u64::from(spec.id) * 7 + n * 20_000,
+    };
+    if !shard.plan.simulcast {
+        return vec![layer(None, cfg.bitrate_bps, 0)];
+    }
+    SIMULCAST_RIDS
+        .iter()
+        .zip(SIMULCAST_SHARE)
+        .enumerate()
+        .map(|(i, (rid, share))| {
+            let bps = (cfg.bitrate_bps as f64 * share) as u64;
+            layer(Some((*rid).into()), bps, i as u64)
+        })
+        .collect()
 }
 
 /// The answer with only one of its UDP candidates (a loopback one when there is one), and that
@@ -339,7 +383,9 @@ impl Peer {
             let mut wake = deadline.min(now + MAX_WAIT);
             if publisher && self.connected {
                 if self.video.is_some() {
-                    wake = wake.min(self.next_video);
+                    for l in &self.layers {
+                        wake = wake.min(if l.pending.is_empty() { l.next } else { now });
+                    }
                 }
                 if self.audio.is_some() {
                     wake = wake.min(self.next_audio);
@@ -445,7 +491,11 @@ impl Peer {
                             return Err("ICE disconnected".into());
                         }
                     }
-                    Event::KeyframeRequest(_) => self.keyframe_requested = true,
+                    Event::KeyframeRequest(r) => {
+                        for l in self.layers.iter_mut().filter(|l| l.rid == r.rid) {
+                            l.keyframe_requested = true;
+                        }
+                    }
                     Event::RtpPacket(p) => self.on_rtp(shard, spec, posted, &p.payload),
                     _ => {}
                 },
@@ -481,6 +531,17 @@ impl Peer {
             return;
         }
         let video = probe.stream.is_video();
+        // Simulcast video: sequences are per layer, and which layer arrives is the SFU's
+        // choice, so its packets give latency and the layer, not loss (audio gives loss).
+        let layered = video && shard.plan.simulcast;
+        if layered && self.layer != Some(probe.stream.layer()) {
+            self.trackers[1] = SeqTracker::default();
+            self.layer = Some(probe.stream.layer());
+            shard.emit(ShardEvent::Layer {
+                id: spec.id,
+                layer: probe.stream.layer(),
+            });
+        }
         let arrival = self.trackers[video as usize].on_packet(probe.seq);
         if !self.joined && (video || shard.plan.video.is_none()) {
             self.join(shard, spec, posted);
@@ -492,7 +553,7 @@ impl Peer {
             shard
                 .stats
                 .borrow_mut()
-                .count_received(bucket, arrival, latency_us, read_us);
+                .count_received(bucket, arrival, latency_us, read_us, !layered);
         }
     }
 
@@ -500,53 +561,60 @@ impl Peer {
     /// caller drains str0m before waiting).
     fn send_due(&mut self, shard: &Shard, spec: &PeerSpec, now: Instant) -> bool {
         if let Some((mid, pt)) = self.video {
-            if self.pending.is_empty() && now >= self.next_video {
-                let Some(source) = self.video_source.as_mut() else {
-                    return false;
-                };
-                let interval = source.frame_interval();
-                let frame = source.next_frame(std::mem::take(&mut self.keyframe_requested));
-                let count = frame.payloads.len();
-                self.pending.extend(
-                    frame
-                        .payloads
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, p)| (p, frame.rtp_time, i + 1 == count)),
-                );
-                self.next_video += interval;
-                if self.next_video + interval < now {
-                    // More than a frame behind: the shard is overloaded. Skip, as an encoder
-                    // would.
-                    shard.stats.borrow_mut().late_frames += 1;
-                    self.next_video = now + interval;
+            for l in &mut self.layers {
+                if l.pending.is_empty() && now >= l.next {
+                    let interval = l.source.frame_interval();
+                    let frame = l
+                        .source
+                        .next_frame(std::mem::take(&mut l.keyframe_requested));
+                    let count = frame.payloads.len();
+                    l.pending.extend(
+                        frame
+                            .payloads
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, p)| (p, frame.rtp_time, i + 1 == count)),
+                    );
+                    l.next += interval;
+                    if l.next + interval < now {
+                        // More than a frame behind: the shard is overloaded. Skip, as an
+                        // encoder would.
+                        shard.stats.borrow_mut().late_frames += 1;
+                        l.next = now + interval;
+                    }
                 }
             }
             // One packet per call, so its send time is stamped just before str0m encrypts and
             // sends it (not a whole keyframe burst earlier).
-            if let Some((mut payload, rtp_time, marker)) = self.pending.pop_front() {
+            let simulcast = self.layers.len() > 1;
+            for (index, l) in self.layers.iter_mut().enumerate() {
+                let Some((mut payload, rtp_time, marker)) = l.pending.pop_front() else {
+                    continue;
+                };
                 let sent_ns = mono_ns();
                 Probe {
-                    stream: StreamId::new(spec.publisher, true),
-                    seq: self.probe_seq[1],
+                    stream: StreamId::new(spec.publisher, true).with_layer(index as u8),
+                    seq: l.probe_seq,
                     sent_ns,
                 }
                 .write_into(&mut payload);
-                self.probe_seq[1] += 1;
+                l.probe_seq += 1;
                 let mut api = self.rtc.direct_api();
-                let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                let Some(tx) = api.stream_tx_by_mid(mid, l.rid) else {
                     return false;
                 };
                 tx.write_rtp(
-                    RtpWrite::new(pt, self.rtp_seq[1].into(), rtp_time, now, payload)
+                    RtpWrite::new(pt, l.rtp_seq.into(), rtp_time, now, payload)
                         .marker(marker)
                         .nackable(true),
                 );
-                self.rtp_seq[1] += 1;
-                shard
-                    .stats
-                    .borrow_mut()
-                    .count_sent(spec.publisher, shard.bucket(sent_ns));
+                l.rtp_seq += 1;
+                if !simulcast {
+                    shard
+                        .stats
+                        .borrow_mut()
+                        .count_sent(spec.publisher, shard.bucket(sent_ns));
+                }
                 return true;
             }
         }
@@ -556,23 +624,23 @@ impl Peer {
             let sent_ns = mono_ns();
             Probe {
                 stream: StreamId::new(spec.publisher, false),
-                seq: self.probe_seq[0],
+                seq: self.audio_probe_seq,
                 sent_ns,
             }
             .write_into(&mut payload);
-            self.probe_seq[0] += 1;
+            self.audio_probe_seq += 1;
             let mut api = self.rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(mid, None) else {
                 return false;
             };
             tx.write_rtp(RtpWrite::new(
                 pt,
-                self.rtp_seq[0].into(),
+                self.audio_rtp_seq.into(),
                 self.audio_ts,
                 now,
                 payload,
             ));
-            self.rtp_seq[0] += 1;
+            self.audio_rtp_seq += 1;
             self.audio_ts = self.audio_ts.wrapping_add(AUDIO_TS_STEP);
             shard
                 .stats

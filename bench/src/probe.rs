@@ -11,19 +11,27 @@ pub const PROBE_LEN: usize = 20;
 /// "SLG1": tells a probe from arbitrary payload bytes.
 const MAGIC: u32 = 0x534c_4731;
 
-/// One publisher's stream: publisher index and media kind, packed so one `u32` names it.
+/// One publisher's stream: publisher index, media kind and simulcast layer (0 without
+/// simulcast), packed so one `u32` names it: `publisher << 3 | layer << 1 | video`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamId(pub u32);
 
 impl StreamId {
     pub fn new(publisher: u32, video: bool) -> StreamId {
-        StreamId(publisher << 1 | video as u32)
+        StreamId(publisher << 3 | video as u32)
+    }
+    /// The same stream's simulcast layer `layer` (0..=3).
+    pub fn with_layer(self, layer: u8) -> StreamId {
+        StreamId(self.0 & !0b110 | u32::from(layer & 3) << 1)
     }
     pub fn publisher(self) -> u32 {
-        self.0 >> 1
+        self.0 >> 3
     }
     pub fn is_video(self) -> bool {
         self.0 & 1 == 1
+    }
+    pub fn layer(self) -> u8 {
+        (self.0 >> 1 & 3) as u8
     }
 }
 
@@ -73,6 +81,22 @@ impl Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_ids_carry_publisher_kind_and_layer() {
+        let audio = StreamId::new(1234, false);
+        let video = StreamId::new(1234, true).with_layer(2);
+        assert_eq!(
+            (audio.publisher(), audio.is_video(), audio.layer()),
+            (1234, false, 0)
+        );
+        assert_eq!(
+            (video.publisher(), video.is_video(), video.layer()),
+            (1234, true, 2)
+        );
+        assert_eq!(video.with_layer(1).layer(), 1);
+        assert_eq!(video.with_layer(1).publisher(), 1234);
+    }
 
     #[test]
     fn probe_round_trips_at_the_end_of_a_payload() {

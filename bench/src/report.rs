@@ -106,8 +106,22 @@ pub struct Summary {
     /// submission, quantiles of its last 10 s window, read at the end of ours), microseconds.
     pub sfu_forward_latency_us: Option<SfuLatency>,
     pub sfu_drops: Option<u64>,
+    /// `--simulcast`: how subscribers spread over the layers at the end.
+    pub simulcast: Option<SimulcastSpread>,
     pub capacity: Option<Capacity>,
     pub timeline: Vec<TimelineRow>,
+}
+
+/// Where `--simulcast` subscribers ended up. Video is then not in `packets_expected` (each
+/// subscriber gets one layer of the SFU's choosing); audio is.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimulcastSpread {
+    /// Subscribers on each layer, low to high (rids l, m, h), by the last video packet.
+    pub subscribers_per_layer: Vec<u64>,
+    /// Subscribers with no video yet.
+    pub without_video: u64,
+    /// Layer changes subscribers saw (after their first layer).
+    pub layer_changes: u64,
 }
 
 impl Summary {
@@ -131,6 +145,15 @@ impl Summary {
                 self.loadgen_cores
             ),
         );
+        if let Some(sc) = &self.simulcast {
+            line(
+                "simulcast",
+                format!(
+                    "subscribers per layer (l, m, h): {:?}, {} without video, {} layer changes (video not in delivered)",
+                    sc.subscribers_per_layer, sc.without_video, sc.layer_changes
+                ),
+            );
+        }
         line(
             "delivered",
             format!(

@@ -795,6 +795,20 @@ impl Runner {
                 }
             }),
             sfu_drops: drops,
+            simulcast: self.opts.plan.simulcast.then(|| {
+                let mut per_layer = vec![0u64; crate::peer::SIMULCAST_RIDS.len()];
+                for &l in self.col.layer_of.values() {
+                    if let Some(n) = per_layer.get_mut(usize::from(l)) {
+                        *n += 1;
+                    }
+                }
+                let with_video = self.col.layer_of.len() as u64;
+                crate::report::SimulcastSpread {
+                    subscribers_per_layer: per_layer,
+                    without_video: self.col.subscribers_joined.saturating_sub(with_video),
+                    layer_changes: self.col.layer_changes,
+                }
+            }),
             capacity: self.capacity.clone(),
             timeline: self
                 .timeline

@@ -34,6 +34,8 @@ pub struct MediaPlan {
     pub video: Option<VideoConfig>,
     /// Audio payload bytes per 20 ms packet, when audio is on.
     pub audio_bytes: Option<usize>,
+    /// Publishers send their video as three simulcast layers.
+    pub simulcast: bool,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -81,6 +83,11 @@ pub enum ShardEvent {
     /// Not about joining: a DELETE that failed, a packet without a probe, and so on.
     Failure {
         reason: String,
+    },
+    /// Simulcast: a subscriber's video now comes from layer `layer` (0 = lowest).
+    Layer {
+        id: u32,
+        layer: u8,
     },
     Stats(Box<StatsFlush>),
     Done {
@@ -146,8 +153,19 @@ impl ShardStats {
     }
 
     /// `latency_us`: send to arrival at the socket; `read_us`: send to the peer reading it.
-    pub fn count_received(&mut self, bucket: u32, arrival: Arrival, latency_us: u64, read_us: u64) {
+    /// Without `counted`, only the latency is kept (simulcast video: no loss accounting).
+    pub fn count_received(
+        &mut self,
+        bucket: u32,
+        arrival: Arrival,
+        latency_us: u64,
+        read_us: u64,
+        counted: bool,
+    ) {
         if bucket < self.base {
+            if !counted {
+                return;
+            }
             if matches!(arrival, Arrival::InOrder | Arrival::Reordered) {
                 *self.late.entry(bucket).or_default() += 1;
             }
@@ -166,7 +184,9 @@ impl ShardStats {
             });
         }
         let b = &mut self.open[idx];
-        b.counts.count(arrival);
+        if counted {
+            b.counts.count(arrival);
+        }
         if matches!(arrival, Arrival::InOrder | Arrival::Reordered) {
             record_latency(&mut b.latency, latency_us);
             record_latency(&mut b.read_latency, read_us);
@@ -322,9 +342,9 @@ mod tests {
         s.count_sent(3, 0);
         s.count_sent(3, 0);
         s.count_sent(3, 1);
-        s.count_received(0, Arrival::InOrder, 100, 150);
-        s.count_received(1, Arrival::Reordered, 300, 350);
-        s.count_received(1, Arrival::Duplicate, 300, 350);
+        s.count_received(0, Arrival::InOrder, 100, 150, true);
+        s.count_received(1, Arrival::Reordered, 300, 350, true);
+        s.count_received(1, Arrival::Duplicate, 300, 350, true);
         let f = s.flush(0, 1);
         assert_eq!(f.closed.len(), 1);
         assert_eq!(f.closed[0].bucket, 0);
@@ -335,7 +355,7 @@ mod tests {
         sent.sort();
         assert_eq!(sent, vec![(3, 0, 2), (3, 1, 1)]);
         // Bucket 0 is closed: a straggler for it is late, not received.
-        s.count_received(0, Arrival::InOrder, 2_000_000, 2_000_000);
+        s.count_received(0, Arrival::InOrder, 2_000_000, 2_000_000, true);
         let f = s.flush(0, 3);
         assert_eq!(
             f.closed.iter().map(|c| c.bucket).collect::<Vec<_>>(),
