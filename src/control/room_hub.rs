@@ -494,6 +494,27 @@ impl RoomHub {
                     self.route(c, update.into_iter().collect());
                 }
             }
+            Action::LayerCap {
+                subscriber,
+                track,
+                max,
+            } => {
+                let Some(m) = self.members.get(&subscriber) else {
+                    return;
+                };
+                let pc = m.subscribe;
+                if pc.created {
+                    self.to_shard(
+                        c,
+                        pc.shard,
+                        ShardCommand::Room(RoomCommand::LayerCap {
+                            session: pc.session,
+                            track: mesh(track),
+                            max,
+                        }),
+                    );
+                }
+            }
             Action::Unsubscribe { subscriber, track } => {
                 let track = mesh(track);
                 let Some(m) = self.members.get_mut(&subscriber) else {

@@ -28,8 +28,8 @@ use crate::mesh::ANY_LAYER;
 use crate::mesh::{Doorbell, MediaPacket, MeshEndpoints, MeshMsg, PacketPool, PacketView, TrackId};
 use crate::metrics::{self, Counter, ShardCounters, ShardStats, LATENCY_WINDOW};
 use crate::sfu::{
-    is_keyframe, vp8_keyframe_size, CodecKind, KeyframeThrottle, LayerTable, SwitchReason,
-    MAX_LAYERS,
+    is_keyframe, vp8_keyframe_size, CodecKind, KeyframeThrottle, LayerTable, MaxLayer,
+    SwitchReason, MAX_LAYERS,
 };
 use crate::{SessionId, ShardId};
 use io::{DatagramIo, IoConfig, WakeFd};
@@ -1265,6 +1265,30 @@ impl ShardState {
         if switched {
             self.update_bwe_targets(key, now);
         }
+    }
+
+    /// A subscriber's own cap on the simulcast layer of `track` changed.
+    fn set_layer_cap(&mut self, key: usize, track: TrackId, max: MaxLayer, now: Instant) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let mut changed = Vec::new();
+        for (ti, t) in peer.tracks.iter_mut().enumerate() {
+            if t.track != track {
+                continue;
+            }
+            if let Some(sub) = t.sub.as_mut() {
+                sub.max = max;
+                if let Some(l) = sub.layers.as_mut() {
+                    l.selector.set_max(max, now);
+                }
+                changed.push(ti);
+            }
+        }
+        for ti in changed {
+            self.poll_selector(key, ti, now);
+        }
+        self.update_bwe_targets(key, now);
     }
 
     /// Aim the subscriber's bandwidth estimator at its next layer up (padding and probes show

@@ -26,6 +26,13 @@ const LEVEL_INTERVAL: Duration = Duration::from_millis(150);
 
 /// Room commands from the control thread (variants of `ShardCommand`).
 pub enum RoomCommand {
+    /// The subscriber's own cap on the simulcast layer it gets of `track` (the room's `layer`
+    /// message).
+    LayerCap {
+        session: SessionId,
+        track: TrackId,
+        max: MaxLayer,
+    },
     /// Answer a new offer on an existing publish peer connection; the reply carries the answer
     /// and the m-lines the client now sends on.
     PublishOffer {
@@ -113,6 +120,15 @@ impl ShardState {
             } => {
                 let result = self.subscribe_answer(session, &answer, now);
                 let _ = reply.send(result);
+            }
+            RoomCommand::LayerCap {
+                session,
+                track,
+                max,
+            } => {
+                if let Some(&key) = self.by_session.get(&session) {
+                    self.set_layer_cap(key, track, max, now);
+                }
             }
             RoomCommand::Unsubscribe { session, track } => {
                 if let Some(&key) = self.by_session.get(&session) {

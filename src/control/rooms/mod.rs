@@ -41,6 +41,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::sfu::MaxLayer;
+
 pub use names::{
     parse_watch_name, valid_display_name, valid_identity, valid_room, watch_name, WatchName,
     MAX_NAME_BYTES, WATCH_SEPARATOR,
@@ -145,6 +147,12 @@ pub enum Action {
     Unsubscribe {
         subscriber: ParticipantId,
         track: TrackId,
+    },
+    /// Data plane: the subscriber's own cap on the simulcast layer it receives of `track`.
+    LayerCap {
+        subscriber: ParticipantId,
+        track: TrackId,
+        max: MaxLayer,
     },
     /// Make a subscribe offer for `participant` with exactly `tracks` and the data channel
     /// (create its subscribe peer connection the first time), then call

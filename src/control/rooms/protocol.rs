@@ -217,6 +217,16 @@ pub enum ClientMessage {
     Unmute {
         track: TrackId,
     },
+    /// Cap the simulcast layer this participant receives of a subscribed video track:
+    /// `layer` `low`, `mid` or `high` and/or `maxHeight` in pixels (both absent: no cap), as
+    /// WHEP's `?layer=` and `?max_height=`.
+    Layer {
+        track: TrackId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_height: Option<u32>,
+    },
     Leave,
     Ping {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,7 +236,7 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     /// Every `type` a client may send.
-    pub const TYPES: [&'static str; 10] = [
+    pub const TYPES: [&'static str; 11] = [
         "join",
         "offer",
         "answer",
@@ -235,6 +245,7 @@ impl ClientMessage {
         "unsubscribe",
         "mute",
         "unmute",
+        "layer",
         "leave",
         "ping",
     ];

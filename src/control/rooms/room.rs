@@ -16,6 +16,7 @@ use super::quality::QualityHint;
 use super::rate::TokenBucket;
 use super::speakers::SpeakerDetector;
 use super::{Action, JoinRequest, NegotiatedTrack, RoomConfig, SubscribedTrack};
+use crate::sfu::{MaxLayer, Quality as LayerQuality};
 
 /// Longest mid accepted in a track declaration (browsers use small integers).
 const MAX_MID_BYTES: usize = 32;
@@ -552,6 +553,43 @@ impl Room {
                 if changed {
                     self.renegotiate([id].into(), out);
                 }
+            }
+            ClientMessage::Layer {
+                track,
+                layer,
+                max_height,
+            } => {
+                let quality = match layer.as_deref().map(LayerQuality::parse) {
+                    None => None,
+                    Some(Some(q)) => Some(q),
+                    Some(None) => {
+                        return error(
+                            out,
+                            id,
+                            ErrorCode::BadMessage,
+                            "layer must be low, mid or high",
+                        )
+                    }
+                };
+                if max_height.is_some_and(|h| !(1..=8192).contains(&h)) {
+                    return error(
+                        out,
+                        id,
+                        ErrorCode::BadMessage,
+                        "maxHeight must be from 1 to 8192 pixels",
+                    );
+                }
+                if !p.subscriptions.contains(&track) {
+                    return self.unknown_tracks(id, &[track], out);
+                }
+                out.push(Action::LayerCap {
+                    subscriber: id,
+                    track,
+                    max: MaxLayer {
+                        quality,
+                        max_height,
+                    },
+                });
             }
             ClientMessage::Mute { track } => self.set_muted(id, track, true, out),
             ClientMessage::Unmute { track } => self.set_muted(id, track, false, out),

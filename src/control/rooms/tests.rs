@@ -71,6 +71,14 @@ fn shape(actions: &[Action]) -> Vec<String> {
                 reason,
             } => format!("close {participant} {}", reason.as_str()),
             Action::RoomFreed { room } => format!("freed {room}"),
+            Action::LayerCap {
+                subscriber,
+                track,
+                max,
+            } => format!(
+                "layer-cap {subscriber} {track} {:?} {:?}",
+                max.quality, max.max_height
+            ),
         })
         .collect()
 }
@@ -1156,4 +1164,39 @@ fn unchanged_renegotiation_goes_idle_and_catches_up() {
     assert_eq!(renegotiations(&out).len(), 1, "{out:?}");
     // Ignored when nothing was requested.
     let _ = b.rooms.subscriber_unchanged(a, b.now);
+}
+
+#[test]
+fn layer_caps_apply_to_subscribed_tracks_only() {
+    let mut b = Bench::new(config());
+    let (a, _) = b.join("demo", "ann");
+    let pa = b.publish(a, AV);
+    b.settle(&pa);
+    let (c, joined) = b.join("demo", "cat");
+    b.settle(&joined);
+    let video = b.tracks_of(a)[1];
+    let out = b.text(
+        c,
+        json!({"type":"layer","track":video.to_string(),"layer":"low","maxHeight":360}),
+    );
+    assert_eq!(
+        shape(&out),
+        [format!("layer-cap {c} {video} Some(Low) Some(360)")]
+    );
+    // No cap at all lifts it.
+    let out = b.text(c, json!({"type":"layer","track":video.to_string()}));
+    assert_eq!(shape(&out), [format!("layer-cap {c} {video} None None")]);
+    // Bad values and tracks one does not receive are refused by name.
+    let bad = b.text(
+        c,
+        json!({"type":"layer","track":video.to_string(),"layer":"ultra"}),
+    );
+    assert_eq!(sent_to(&bad, c)[0]["code"], "bad_message");
+    let bad = b.text(
+        c,
+        json!({"type":"layer","track":video.to_string(),"maxHeight":0}),
+    );
+    assert_eq!(sent_to(&bad, c)[0]["code"], "bad_message");
+    let own = b.text(a, json!({"type":"layer","track":video.to_string()}));
+    assert_eq!(sent_to(&own, a)[0]["code"], "unknown_track");
 }
