@@ -494,7 +494,7 @@ fn viewers_get_the_layer_their_cap_allows() {
         ) >= 5.0
     );
     assert!(m("sluice_simulcast_layer_switches_total", &["reason=\"cap\""]) == 0.0);
-    assert!(m("sluice_bandwidth_estimate_bits_per_second_count", &[]) >= 1.0);
+    assert!(m("sluice_bandwidth_estimate_bytes_per_second_count", &[]) >= 1.0);
     let by_layer = || {
         ["0", "1", "2", "none"].map(|l| {
             m(

@@ -272,11 +272,11 @@ fn shard_families(shards: &[&ShardStats]) -> Vec<MetricFamily> {
         for (acc, v) in buckets.iter_mut().zip(b) {
             *acc += v;
         }
-        sum += total as f64;
+        sum += total as f64 / 8.0;
     }
     out.push(histogram(
-        "sluice_bandwidth_estimate_bits_per_second",
-        "Subscribers' egress bandwidth estimates (str0m's TWCC estimator), one sample per connected subscriber with an estimate per second: the distribution of what subscribers' downlinks carry.",
+        "sluice_bandwidth_estimate_bytes_per_second",
+        "Subscribers' egress bandwidth estimates (str0m's TWCC estimator) in bytes per second (x 8 for bit/s), one sample per connected subscriber with an estimate per second: the distribution of what subscribers' downlinks carry.",
         &BWE_BUCKETS,
         &buckets,
         sum,

@@ -104,9 +104,10 @@ pub const CONNECT_BUCKETS: [f64; 12] = [
     0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
 ];
 
-/// Upper bounds (bits per second) of the subscribers' bandwidth-estimate histogram.
+/// Upper bounds of the subscribers' bandwidth-estimate histogram, in bytes per second (100 kbit/s
+/// to 16 Mbit/s; Prometheus' base unit is the byte).
 pub const BWE_BUCKETS: [f64; 10] = [
-    100e3, 250e3, 500e3, 750e3, 1e6, 1.5e6, 2.5e6, 4e6, 8e6, 16e6,
+    12.5e3, 31.25e3, 62.5e3, 93.75e3, 125e3, 187.5e3, 312.5e3, 500e3, 1e6, 2e6,
 ];
 
 /// Simulcast subscribers by layer: layers 0..MAX_LAYERS, then "none" (paused or not started).
@@ -200,9 +201,9 @@ impl ShardCounters {
         self.connect_sum += d;
     }
 
-    /// One subscriber's current bandwidth estimate (sampled once a second).
+    /// One subscriber's current bandwidth estimate in bits per second (sampled once a second).
     pub fn observe_bwe(&mut self, bps: u64) {
-        let v = bps as f64;
+        let v = bps as f64 / 8.0;
         let i = BWE_BUCKETS
             .iter()
             .position(|b| v <= *b)
@@ -316,7 +317,7 @@ impl ShardStats {
     }
 
     /// Per-bucket (not cumulative) bandwidth-estimate samples, the last one being `+Inf`, and
-    /// their sum in bits per second.
+    /// their sum in bits per second (the buckets are in bytes per second).
     pub fn bwe(&self) -> (Vec<u64>, u64) {
         (
             self.bwe_buckets

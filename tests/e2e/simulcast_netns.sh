@@ -18,6 +18,9 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RATE=600kbit
 [ "${1:-}" = --rate ] && RATE="$2"
 BIN="${SLUICE_BIN:-}"
+# The sluice started here takes its settings from the command line below only: it refuses
+# unknown SLUICE_* variables, such as the test runner's SLUICE_URL.
+for v in $(compgen -e | grep '^SLUICE_'); do unset "$v"; done
 CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 
 missing=()
