@@ -198,6 +198,7 @@ fn start_with(
         mesh,
         turn_stats: Arc::new(crate::turn::TurnStats::default()),
         turn_addr,
+        simulcast_tracks: Mutex::new(Default::default()),
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let ctl = control.clone();

@@ -352,6 +352,17 @@ async fn whip(
         if tracks.iter().any(|(_, t)| *t == track) {
             continue;
         }
+        if video {
+            let simulcast = n.rtc.media(mid).is_some_and(
+                |m| matches!(m.rids_rx(), str0m::media::Rids::Specific(r) if r.len() > 1),
+            );
+            let mut set = c.simulcast_tracks.lock().expect("simulcast tracks");
+            if simulcast {
+                set.insert(track);
+            } else {
+                set.remove(&track);
+            }
+        }
         tracks.push((mid, track));
         let codecs: Arc<[str0m::format::PayloadParams]> = Arc::from(codecs);
         room_tracks.push((mid, track, codecs.clone()));
@@ -529,7 +540,17 @@ async fn whep(
         .iter()
         .flat_map(|(_, c)| c.iter().copied())
         .collect();
-    let n = match c.template.viewer(offer, &c.announced[shard], &codecs) {
+    let simulcast = {
+        let set = c.simulcast_tracks.lock().expect("simulcast tracks");
+        published
+            .tracks
+            .iter()
+            .any(|(t, _)| t.is_video() && set.contains(t))
+    };
+    let n = match c
+        .template
+        .viewer(offer, &c.announced[shard], &codecs, simulcast)
+    {
         Ok(n) => n,
         Err(e) => return negotiation_failed(&c, e),
     };

@@ -41,6 +41,9 @@ pub struct Control {
     pub turn_addr: Option<SocketAddr>,
     /// `/ws` rooms and their peers. Lock before `registry` when both are needed.
     pub rooms: Mutex<room_hub::RoomHub>,
+    /// Video tracks whose latest WHIP publisher sends simulcast: their WHEP viewers get a
+    /// bandwidth estimator.
+    pub simulcast_tracks: Mutex<std::collections::HashSet<crate::mesh::TrackId>>,
 }
 
 pub type SharedControl = Arc<Control>;

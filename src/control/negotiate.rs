@@ -53,7 +53,7 @@ impl PeerTemplate {
         Ok(PeerTemplate { cert })
     }
 
-    fn config(&self, codecs: Option<&[PayloadParams]>) -> RtcConfig {
+    fn config(&self, codecs: Option<&[PayloadParams]>, bwe: bool) -> RtcConfig {
         let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
             .set_rtp_mode(true)
@@ -61,10 +61,9 @@ impl PeerTemplate {
             .set_dtls_cert(self.cert.clone());
         if let Some(codecs) = codecs {
             *cfg.codec_config() = CodecConfig::new_from_payload_params(codecs.to_vec());
-            // Viewers: estimate each one's downlink (TWCC), which picks its simulcast layer.
-            if codecs.iter().any(|p| p.spec().codec.is_video()) {
-                cfg = cfg.enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)));
-            }
+        }
+        if bwe {
+            cfg = cfg.enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)));
         }
         cfg
     }
@@ -75,27 +74,30 @@ impl PeerTemplate {
         offer: &str,
         candidates: &[SocketAddr],
     ) -> Result<Negotiated, NegotiationError> {
-        self.negotiate(offer, candidates, None, true)
+        self.negotiate(offer, candidates, None, true, false)
     }
 
-    /// Negotiate a viewer (WHEP): only the publisher's codecs are on offer.
+    /// Negotiate a viewer (WHEP): only the publisher's codecs are on offer. With `bwe` (the
+    /// stream's video is simulcast), the viewer's downlink is estimated (TWCC), which picks its
+    /// layer. Without simulcast there is nothing to adapt, and str0m's pacer, which paces at the
+    /// estimate, would only queue a stream that cannot slow down: no estimator then.
     pub fn viewer(
         &self,
         offer: &str,
         candidates: &[SocketAddr],
         codecs: &[PayloadParams],
+        bwe: bool,
     ) -> Result<Negotiated, NegotiationError> {
-        self.negotiate(offer, candidates, Some(codecs), false)
+        self.negotiate(offer, candidates, Some(codecs), false, bwe)
     }
 
     /// A room participant's subscribe peer connection: no offer yet (the shard makes them),
     /// every codec sluice forwards, the shard's candidates.
     pub fn subscriber(&self, candidates: &[SocketAddr]) -> Result<(Rtc, String), String> {
-        // Like a WHEP viewer, it gets a bandwidth estimate that picks its simulcast layers.
-        let mut rtc = self
-            .config(None)
-            .enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)))
-            .build(Instant::now());
+        // No bandwidth estimator (see `viewer`): which tracks it will carry is not known yet, and
+        // the pacer would queue the ones that cannot adapt. Simulcast layers follow the
+        // participant's `layer` messages.
+        let mut rtc = self.config(None, false).build(Instant::now());
         for addr in candidates {
             let c = Candidate::host(*addr, "udp").map_err(|e| format!("candidate {addr}: {e}"))?;
             rtc.add_local_candidate(c);
@@ -110,9 +112,10 @@ impl PeerTemplate {
         candidates: &[SocketAddr],
         codecs: Option<&[PayloadParams]>,
         publish: bool,
+        bwe: bool,
     ) -> Result<Negotiated, NegotiationError> {
         let now = Instant::now();
-        let mut rtc = self.config(codecs).build(now);
+        let mut rtc = self.config(codecs, bwe).build(now);
         for addr in candidates {
             let c = Candidate::host(*addr, "udp")
                 .map_err(|e| NegotiationError::Rejected(format!("candidate {addr}: {e}")))?;
@@ -289,6 +292,7 @@ mod tests {
                 &offer(Direction::RecvOnly, true),
                 &["127.0.0.1:40001".parse().unwrap()],
                 &codecs,
+                false,
             )
             .unwrap();
         assert_eq!(v.media.len(), 2, "{:?}", v.media);
@@ -298,6 +302,7 @@ mod tests {
                 &offer(Direction::RecvOnly, false),
                 &["127.0.0.1:40001".parse().unwrap()],
                 &codecs,
+                false,
             )
             .unwrap();
         assert!(v.media.iter().all(|m| !m.1), "{:?}", v.media);
