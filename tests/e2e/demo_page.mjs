@@ -89,8 +89,40 @@ try {
   await pub.click('#pub-stop');
   const list = await (await fetch(`${BASE}/api/streams`)).json();
   if (list.streams.some((s) => s.stream === STREAM)) throw new Error(`stream still listed after stop: ${JSON.stringify(list)}`);
-  if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
   console.log('stopped: sessions deleted');
+
+  // Simulcast from the page: Publish with the Simulcast box ticked, Watch at quality "low":
+  // the viewer decodes the quarter-size layer (the fake camera is 1280x720, so 320 wide).
+  await pub.check('#pub-simulcast');
+  await pub.fill('#pub-stream', `${STREAM}-sc`);
+  await pub.click('#pub-start');
+  await pub.waitForFunction(() => !document.querySelector('#pub-stop').disabled, null, { timeout: 15000 })
+    .catch(async () => { throw new Error(`simulcast publish did not start: ${await pub.textContent('#pub-err')}`); });
+  await viewer.fill('#watch-stream', `${STREAM}-sc`);
+  await viewer.selectOption('#watch-layer', 'low');
+  await viewer.click('#watch-start');
+  await viewer.waitForFunction(() => !document.querySelector('#watch-stop').disabled, null, { timeout: 15000 })
+    .catch(async () => { throw new Error(`low-quality watch did not start: ${await viewer.textContent('#watch-err')}`); });
+  const video = async () => viewer.evaluate(async () => {
+    let v = { frames: 0, width: 0 };
+    (await watch.pc.getStats()).forEach((r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video' && r.ssrc && (r.framesDecoded || 0) >= v.frames)
+        v = { frames: r.framesDecoded || 0, width: r.frameWidth || 0 };
+    });
+    return v;
+  });
+  let v = { frames: 0, width: 0 };
+  const until = Date.now() + 20000;
+  while (Date.now() < until && v.frames < 30) {
+    v = await video();
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  console.log(`simulcast, quality low: ${JSON.stringify(v)}; publisher: ${(await pub.textContent('#pub-stats')).replace(/\n/g, ' | ')}`);
+  if (v.frames < 30) throw new Error(`the low-quality viewer decoded ${v.frames} frames in 20 s`);
+  if (v.width > 320) throw new Error(`quality low decodes ${v.width} wide, not the quarter-size layer`);
+  await viewer.click('#watch-stop');
+  await pub.click('#pub-stop');
+  if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
 } catch (e) {
   failure = e.message || String(e);
 } finally {

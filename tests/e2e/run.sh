@@ -27,7 +27,9 @@
 #                   decoding (>= 10 frames/s, <= 3 freezes), then climbs back to 1280 wide within 15 s
 #                   of the limit being lifted
 #   chromium-demo-page  the real demo page at /: one page clicks Publish (fake camera), another
-#                   clicks Watch and decodes video with live stats; Stop deletes both sessions
+#                   clicks Watch and decodes video with live stats; Stop deletes both sessions; then
+#                   Publish with Simulcast ticked and Watch at quality low: the viewer decodes the
+#                   quarter-size layer (<= 320 wide)
 #   chromium-relay  chromium-vp8 with the publisher and player1 relay-only (iceTransportPolicy
 #                   'relay') through sluice's TURN, with the credentials of sluice's RFC 9725 Link
 #                   headers: the publisher's from OPTIONS before its offer (falling back, with a WARN
