@@ -357,3 +357,89 @@ fn bad_messages_and_a_join_flood_are_refused_while_the_room_works() {
         "{m}"
     );
 }
+
+/// Video packets `from` sent on each layer that `c` received over the next `window`.
+fn layers_over(c: &RoomClient, from: &str, window: Duration) -> [u64; 3] {
+    let get = || {
+        c.state
+            .video_layers
+            .lock()
+            .unwrap()
+            .get(from)
+            .copied()
+            .unwrap_or_default()
+    };
+    let before = get();
+    std::thread::sleep(window);
+    let after = get();
+    std::array::from_fn(|i| after[i] - before[i])
+}
+
+/// Wait until, over a 600 ms window, `c` receives `from`'s video on `layer` only.
+fn only_layer(c: &RoomClient, from: &str, layer: usize, timeout: Duration) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        let l = layers_over(c, from, Duration::from_millis(600));
+        if l[layer] > 0 && l.iter().enumerate().all(|(i, n)| i == layer || *n == 0) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_simulcast_participant_reaches_each_subscriber_as_one_layer_and_layer_caps_it() {
+    let server = start(config(2, IoBackend::Mmsg));
+    let ann = RoomClient::join_simulcast(server.http_addr, "sim", "ann");
+    let bob = RoomClient::join(server.http_addr, "sim", "bob", false);
+    let ann_id = {
+        assert!(wait_until(Duration::from_secs(10), || !ann.me().is_empty()));
+        ann.me()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || sees_media(&bob, &ann_id)),
+        "bob receives ann"
+    );
+    // Room subscribers have no estimate: with no cap they get the top layer, one layer only.
+    assert!(
+        only_layer(&bob, &ann_id, 2, Duration::from_secs(10)),
+        "bob gets only ann's top layer: {:?}",
+        layers_over(&bob, &ann_id, Duration::from_millis(600))
+    );
+    let video = ann
+        .state
+        .tracks
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|t| t.trim_start_matches('t').parse::<u64>().unwrap() & 1 == 1)
+        .cloned()
+        .expect("ann's video track");
+    bob.send(json!({"v":1,"type":"layer","track":video,"layer":"low"}));
+    assert!(
+        only_layer(&bob, &ann_id, 0, Duration::from_secs(10)),
+        "layer low: {:?}",
+        layers_over(&bob, &ann_id, Duration::from_millis(600))
+    );
+    bob.send(json!({"v":1,"type":"layer","track":video,"maxHeight":100000}));
+    let errors = bob.state.of_type("error");
+    assert!(
+        wait_until(Duration::from_secs(3), || bob.state.of_type("error").len()
+            > errors.len()),
+        "an out-of-range maxHeight is refused"
+    );
+    bob.send(json!({"v":1,"type":"layer","track":video}));
+    assert!(
+        only_layer(&bob, &ann_id, 2, Duration::from_secs(10)),
+        "cap lifted: {:?}",
+        layers_over(&bob, &ann_id, Duration::from_millis(600))
+    );
+    let m = metrics(&server);
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("sluice_simulcast_layer_switches_total")
+                && l.contains("reason=\"cap\"")
+                && !l.ends_with(" 0")),
+        "cap switches counted"
+    );
+}

@@ -13,14 +13,14 @@ use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, MediaKind, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-use super::{audio_payload, vp8_payload};
+use super::{audio_payload, payload_counter, vp8_payload};
 
 #[derive(Default)]
 pub struct RoomState {
@@ -43,7 +43,15 @@ pub struct RoomState {
     stop: AtomicBool,
     /// Send audio at this RFC 6464 level (-dBov); 127 is silence.
     pub level: Mutex<u8>,
+    /// Publish video as three simulcast layers (rids q, h, f: 1, 2 and 4 packets per frame);
+    /// each packet's counter carries its layer in bits 28-29.
+    pub simulcast: AtomicBool,
+    /// Video packets received per publisher participant, by the sender's simulcast layer.
+    pub video_layers: Mutex<HashMap<String, [u64; 3]>>,
 }
+
+/// The simulcast layers a [`RoomClient`] publishes: rid and packets per frame.
+pub const ROOM_LAYERS: [(&str, u32); 3] = [("q", 1), ("h", 2), ("f", 4)];
 
 impl RoomState {
     pub fn of_type(&self, kind: &str) -> Vec<Value> {
@@ -142,12 +150,28 @@ impl RoomClient {
         RoomClient::join_with(addr, room, identity, publish, None)
     }
 
+    /// Join and publish audio and three simulcast layers of video.
+    pub fn join_simulcast(addr: SocketAddr, room: &str, identity: &str) -> RoomClient {
+        RoomClient::start(addr, room, identity, true, None, true)
+    }
+
     pub fn join_with(
         addr: SocketAddr,
         room: &str,
         identity: &str,
         publish: bool,
         token: Option<&str>,
+    ) -> RoomClient {
+        RoomClient::start(addr, room, identity, publish, token, false)
+    }
+
+    fn start(
+        addr: SocketAddr,
+        room: &str,
+        identity: &str,
+        publish: bool,
+        token: Option<&str>,
+        simulcast: bool,
     ) -> RoomClient {
         let mut ws = open_ws(addr, token).expect("ws opens");
         send(
@@ -156,6 +180,7 @@ impl RoomClient {
         );
         let state = Arc::new(RoomState {
             level: Mutex::new(127),
+            simulcast: AtomicBool::new(simulcast),
             ..Default::default()
         });
         let st = state.clone();
@@ -257,6 +282,7 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
     let (mut next_video, mut next_audio) = (start, start);
     let mut last_key = start - Duration::from_secs(5);
     let (mut vseq, mut aseq, mut vcount, mut acount) = (100u64, 900u64, 0u32, 0u32);
+    let mut layer_seqs = [1_000u64, 20_000, 40_000];
     let vpt = publisher
         .rtc
         .codec_config()
@@ -285,19 +311,34 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
                                 None,
                                 None,
                             );
+                            let simulcast =
+                                st.simulcast.load(Ordering::Relaxed).then(|| Simulcast {
+                                    send: ROOM_LAYERS
+                                        .iter()
+                                        .map(|(rid, _)| SimulcastLayer::new(rid))
+                                        .collect(),
+                                    recv: vec![],
+                                });
                             let video = api.add_media(
                                 MediaKind::Video,
                                 Direction::SendOnly,
                                 None,
                                 None,
-                                None,
+                                simulcast.clone(),
                             );
                             let (offer, p) = api.apply().unwrap();
                             pending = Some(p);
                             media_mids = Some((audio, video));
+                            let mut camera = json!({"mid": video.to_string(), "source": "camera"});
+                            if simulcast.is_some() {
+                                camera["simulcast"] = ROOM_LAYERS
+                                    .iter()
+                                    .map(|(rid, _)| json!({"rid": rid}))
+                                    .collect();
+                            }
                             let tracks = json!([
                                 {"mid": audio.to_string(), "source": "mic"},
-                                {"mid": video.to_string(), "source": "camera"}
+                                camera
                             ]);
                             let o =
                                 json!({"type":"offer","sdp":offer.to_sdp_string(),"tracks":tracks});
@@ -394,6 +435,16 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
                         .map(|s| s.mid());
                     if let Some(key) = mid.and_then(|m| mids.get(&m)) {
                         *st.media.lock().unwrap().entry(key.clone()).or_default() += 1;
+                        if key.1 {
+                            if let Some(c) = payload_counter(true, &p.payload) {
+                                let layer = ((c >> 28) & 3).min(2) as usize;
+                                st.video_layers
+                                    .lock()
+                                    .unwrap()
+                                    .entry(key.0.clone())
+                                    .or_default()[layer] += 1;
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -419,19 +470,40 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
                 if key {
                     last_key = now;
                 }
-                if let (Some(pt), Some(tx)) = (
-                    vpt,
-                    publisher.rtc.direct_api().stream_tx_by_mid(video, None),
-                ) {
-                    let ts = vcount.wrapping_mul(3000);
-                    tx.write_rtp(
-                        RtpWrite::new(pt, vseq.into(), ts, now, vp8_payload(vcount, key))
-                            .marker(true)
-                            .nackable(true),
-                    );
-                    vseq += 1;
-                    vcount += 1;
+                let ts = vcount.wrapping_mul(3000);
+                if !st.simulcast.load(Ordering::Relaxed) {
+                    if let (Some(pt), Some(tx)) = (
+                        vpt,
+                        publisher.rtc.direct_api().stream_tx_by_mid(video, None),
+                    ) {
+                        tx.write_rtp(
+                            RtpWrite::new(pt, vseq.into(), ts, now, vp8_payload(vcount, key))
+                                .marker(true)
+                                .nackable(true),
+                        );
+                        vseq += 1;
+                    }
+                } else if let Some(pt) = vpt {
+                    for (l, (rid, packets)) in ROOM_LAYERS.iter().enumerate() {
+                        let mut api = publisher.rtc.direct_api();
+                        let Some(tx) = api.stream_tx_by_mid(video, Some((*rid).into())) else {
+                            continue;
+                        };
+                        for i in 0..*packets {
+                            let counter = (vcount & 0x0fff_ffff) | (l as u32) << 28;
+                            // Only the first packet of a keyframe starts it.
+                            let payload = vp8_payload(counter, key && i == 0);
+                            let seq = layer_seqs[l];
+                            layer_seqs[l] += 1;
+                            tx.write_rtp(
+                                RtpWrite::new(pt, seq.into(), ts, now, payload)
+                                    .marker(i + 1 == *packets)
+                                    .nackable(true),
+                            );
+                        }
+                    }
                 }
+                vcount += 1;
             }
             if now >= next_audio {
                 next_audio = now + Duration::from_millis(20);
