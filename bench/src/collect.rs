@@ -274,6 +274,15 @@ impl Collector {
     pub fn joined_subscribers(&self) -> u64 {
         self.subscribers_joined
     }
+
+    /// The ids of the subscribers whose first media has arrived.
+    pub fn joined_subscriber_ids(&self) -> Vec<u32> {
+        self.subscribers
+            .iter()
+            .filter(|(_, s)| s.joined.is_some())
+            .map(|(&id, _)| id)
+            .collect()
+    }
 }
 
 #[cfg(test)]

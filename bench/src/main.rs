@@ -1,22 +1,25 @@
 //! sluice-loadgen: simulated WebRTC publishers and subscribers, thread-per-core on glommio, that
-//! join sluice through WHIP and WHEP exactly as outside clients do, and measure delivery,
-//! one-way latency, join time, and the SFU's packets per CPU-second.
+//! join sluice through WHIP and WHEP (and `/ws` rooms) exactly as outside clients do, and measure
+//! delivery, one-way latency, join time, and the SFU's packets per CPU-second.
 //!
 //! Exit status: 0 the scenario ran (whatever it measured), 1 it could not (SFU unreachable, no
-//! publisher joined, overran its bound), 2 the scenario is not available yet.
+//! publisher joined, overran its bound).
 
 mod accounting;
 mod clock;
 mod collect;
 mod http;
 mod media;
+mod meeting;
 mod peer;
 mod probe;
 mod report;
+mod room;
 mod run;
 mod sfu;
 mod shard;
 mod udp;
+mod ws;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,10 +83,14 @@ enum ScenarioCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Everyone publishes and subscribes to everyone (needs rooms, issue 4).
+    /// N participants in one /ws room: each publishes video and audio and receives everyone
+    /// else (--join-rate: participants started per second).
     Meeting {
         #[arg(long, default_value_t = 5)]
         participants: u32,
+        /// The room [default: the stream prefix and our pid].
+        #[arg(long)]
+        room: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -181,6 +188,7 @@ impl Common {
                 simulcast: self.simulcast && video,
             },
             stream_prefix: self.stream_prefix.clone(),
+            room: None,
             quiet: self.quiet,
         })
     }
@@ -188,6 +196,7 @@ impl Common {
 
 fn main() {
     let cli = Cli::parse();
+    let mut room = None;
     let (name, scenario, common, video) = match cli.scenario {
         ScenarioCmd::Fanout {
             publishers,
@@ -234,11 +243,21 @@ fn main() {
             common,
             true,
         ),
-        ScenarioCmd::Meeting { participants, .. } => {
-            eprintln!(
-                "meeting ({participants} participants) needs rooms (issue 4), which sluice does not have yet"
-            );
-            std::process::exit(2);
+        ScenarioCmd::Meeting {
+            participants,
+            room: r,
+            common,
+        } => {
+            if participants < 2 {
+                eprintln!("error: --participants must be at least 2");
+                std::process::exit(1);
+            }
+            if common.simulcast {
+                eprintln!("error: meeting does not send simulcast (yet): drop --simulcast");
+                std::process::exit(1);
+            }
+            room = r;
+            ("meeting", Scenario::Meeting { participants }, common, true)
         }
     };
     if matches!(
@@ -249,7 +268,7 @@ fn main() {
         std::process::exit(1);
     }
     let opts = match common.options(video) {
-        Ok(o) => o,
+        Ok(o) => Options { room, ..o },
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);

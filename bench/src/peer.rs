@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use std::net::UdpSocket;
-use str0m::change::SdpAnswer;
+use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
@@ -115,12 +115,12 @@ async fn delete(shard: &Shard, location: &str, gone_ok: bool) {
 }
 
 /// A failure reason without the numbers that differ from peer to peer, so reasons group.
-fn short(e: &str) -> String {
+pub(crate) fn short(e: &str) -> String {
     let first = e.lines().next().unwrap_or("").trim();
     first.chars().take(160).collect()
 }
 
-struct Peer {
+pub(crate) struct Peer {
     rtc: Rtc,
     /// Sends go straight to the kernel on this (non-blocking, connected) socket.
     socket: UdpSocket,
@@ -171,7 +171,70 @@ struct VideoLayer {
     rtp_seq: u64,
 }
 
+/// A peer's SDP offer, made and not answered yet: its socket and `Rtc`, and what finishing needs.
+/// WHIP/WHEP POST the offer ([`connect`]); a `/ws` room participant sends it as an `offer`
+/// message (`crate::meeting`).
+pub(crate) struct Offered {
+    socket: UdpSocket,
+    local: SocketAddr,
+    rtc: Rtc,
+    pending: SdpPendingOffer,
+    video_mid: Option<Mid>,
+    audio_mid: Option<Mid>,
+    /// The offer's SDP.
+    pub sdp: String,
+}
+
+impl Offered {
+    /// The m-lines offered: video, audio (when the plan has them).
+    pub(crate) fn mids(&self) -> (Option<Mid>, Option<Mid>) {
+        (self.video_mid, self.audio_mid)
+    }
+}
+
 async fn connect(shard: &Shard, spec: &PeerSpec) -> Result<Peer, String> {
+    let offered = offer(shard, spec)?;
+    let kind = match spec.role {
+        Role::Publisher => "whip",
+        Role::Subscriber => "whep",
+    };
+    let path = shard.target.path(&format!("/{kind}/{}", spec.stream));
+    let resp = glommio::timer::timeout(SIGNALING_TIMEOUT, async {
+        Ok(request_async(
+            &shard.target,
+            "POST",
+            &path,
+            Some("application/sdp"),
+            offered.sdp.as_bytes(),
+        )
+        .await)
+    })
+    .await
+    .map_err(|_| format!("POST /{kind}: no answer within {SIGNALING_TIMEOUT:?}"))?
+    .map_err(|e| short(&e))?;
+    if resp.status != 201 {
+        return Err(format!(
+            "POST /{kind}: HTTP {} {}",
+            resp.status,
+            short(&resp.text())
+        ));
+    }
+    let location = resp
+        .header("location")
+        .ok_or_else(|| format!("POST /{kind}: 201 without a Location"))?
+        .to_string();
+    offered.accept(
+        shard,
+        spec,
+        &resp.text(),
+        location,
+        &format!("POST /{kind}"),
+    )
+}
+
+/// Make a peer's socket and `Rtc`, and its offer: sendonly (publisher) or recvonly
+/// (subscriber) video and audio as the plan says.
+pub(crate) fn offer(shard: &Shard, spec: &PeerSpec) -> Result<Offered, String> {
     let socket =
         UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("cannot bind a UDP socket: {e}"))?;
     socket
@@ -214,88 +277,90 @@ async fn connect(shard: &Shard, spec: &PeerSpec) -> Result<Peer, String> {
         .audio_bytes
         .map(|_| api.add_media(MediaKind::Audio, dir, None, None, None));
     let (offer, pending) = api.apply().ok_or("str0m made no offer")?;
-    let kind = match spec.role {
-        Role::Publisher => "whip",
-        Role::Subscriber => "whep",
-    };
-    let path = shard.target.path(&format!("/{kind}/{}", spec.stream));
-    let offer = offer.to_sdp_string();
-    let resp = glommio::timer::timeout(SIGNALING_TIMEOUT, async {
-        Ok(request_async(
-            &shard.target,
-            "POST",
-            &path,
-            Some("application/sdp"),
-            offer.as_bytes(),
-        )
-        .await)
-    })
-    .await
-    .map_err(|_| format!("POST /{kind}: no answer within {SIGNALING_TIMEOUT:?}"))?
-    .map_err(|e| short(&e))?;
-    if resp.status != 201 {
-        return Err(format!(
-            "POST /{kind}: HTTP {} {}",
-            resp.status,
-            short(&resp.text())
-        ));
-    }
-    let location = resp
-        .header("location")
-        .ok_or_else(|| format!("POST /{kind}: 201 without a Location"))?
-        .to_string();
-    let (answer, remote) = keep_one_candidate(&resp.text())
-        .ok_or_else(|| format!("POST /{kind}: the answer has no UDP candidate"))?;
-    socket
-        .connect(remote)
-        .map_err(|e| format!("UDP connect to {remote}: {e}"))?;
-    let ready = Readiness::new(&socket).map_err(|e| format!("UDP socket: {e}"))?;
-    let answer = SdpAnswer::from_sdp_string(&answer)
-        .map_err(|e| format!("POST /{kind}: bad SDP answer: {e}"))?;
-    rtc.sdp_api()
-        .accept_answer(pending, answer)
-        .map_err(|e| format!("POST /{kind}: answer not accepted: {e}"))?;
-    let pt = |rtc: &Rtc, codec: Codec| {
-        rtc.codec_config()
-            .find(|p| p.spec().codec == codec)
-            .map(|p| p.pt())
-    };
-    let video = match (video_mid, pt(&rtc, Codec::Vp8)) {
-        (Some(m), Some(p)) => Some((m, p)),
-        _ => None,
-    };
-    let audio = match (audio_mid, pt(&rtc, Codec::Opus)) {
-        (Some(m), Some(p)) => Some((m, p)),
-        _ => None,
-    };
-    let now = Instant::now();
-    // Spread publishers' frame times so they do not all send in the same instant.
-    let phase = Duration::from_micros(u64::from(spec.id.wrapping_mul(7919)) % 33_000);
-    Ok(Peer {
-        rtc,
+    Ok(Offered {
         socket,
-        ready,
-        waiting: None,
         local,
-        remote,
-        location,
-        video,
-        audio,
-        permit: None,
-        connected: false,
-        ice: IceConnectionState::New,
-        joined: false,
-        join_bucket: u32::MAX,
-        arrived_ns: 0,
-        read_ns: 0,
-        trackers: [SeqTracker::default(), SeqTracker::default()],
-        next_audio: now + phase / 2,
-        layers: video_layers(shard, spec, now + phase),
-        audio_probe_seq: 0,
-        audio_rtp_seq: 3000 + u64::from(spec.id) * 13,
-        audio_ts: spec.id.wrapping_mul(48_000),
-        layer: None,
+        rtc,
+        pending,
+        video_mid,
+        audio_mid,
+        sdp: offer.to_sdp_string(),
     })
+}
+
+impl Offered {
+    /// Apply the answer (`what` names the exchange in errors, e.g. "POST /whip") and make the
+    /// peer. `location` is what its DELETE goes to ("" for none).
+    pub(crate) fn accept(
+        self,
+        shard: &Shard,
+        spec: &PeerSpec,
+        answer: &str,
+        location: String,
+        what: &str,
+    ) -> Result<Peer, String> {
+        let Offered {
+            socket,
+            local,
+            mut rtc,
+            pending,
+            video_mid,
+            audio_mid,
+            sdp: _,
+        } = self;
+        let (answer, remote) = keep_one_candidate(answer)
+            .ok_or_else(|| format!("{what}: the answer has no UDP candidate"))?;
+        socket
+            .connect(remote)
+            .map_err(|e| format!("UDP connect to {remote}: {e}"))?;
+        let ready = Readiness::new(&socket).map_err(|e| format!("UDP socket: {e}"))?;
+        let answer = SdpAnswer::from_sdp_string(&answer)
+            .map_err(|e| format!("{what}: bad SDP answer: {e}"))?;
+        rtc.sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| format!("{what}: answer not accepted: {e}"))?;
+        let pt = |rtc: &Rtc, codec: Codec| {
+            rtc.codec_config()
+                .find(|p| p.spec().codec == codec)
+                .map(|p| p.pt())
+        };
+        let video = match (video_mid, pt(&rtc, Codec::Vp8)) {
+            (Some(m), Some(p)) => Some((m, p)),
+            _ => None,
+        };
+        let audio = match (audio_mid, pt(&rtc, Codec::Opus)) {
+            (Some(m), Some(p)) => Some((m, p)),
+            _ => None,
+        };
+        let now = Instant::now();
+        // Spread publishers' frame times so they do not all send in the same instant.
+        let phase = Duration::from_micros(u64::from(spec.id.wrapping_mul(7919)) % 33_000);
+        Ok(Peer {
+            rtc,
+            socket,
+            ready,
+            waiting: None,
+            local,
+            remote,
+            location,
+            video,
+            audio,
+            permit: None,
+            connected: false,
+            ice: IceConnectionState::New,
+            joined: false,
+            join_bucket: u32::MAX,
+            arrived_ns: 0,
+            read_ns: 0,
+            trackers: [SeqTracker::default(), SeqTracker::default()],
+            next_audio: now + phase / 2,
+            layers: video_layers(shard, spec, now + phase),
+            audio_probe_seq: 0,
+            audio_rtp_seq: 3000 + u64::from(spec.id) * 13,
+            audio_ts: spec.id.wrapping_mul(48_000),
+            layer: None,
+        })
+    }
 }
 
 /// A publisher's video streams: one, or the simulcast layers (each at its share of the bitrate,
@@ -330,7 +395,7 @@ fn video_layers(shard: &Shard, spec: &PeerSpec, first: Instant) -> Vec<VideoLaye
 /// The answer with only one of its UDP candidates (a loopback one when there is one), and that
 /// candidate's address. The peer's socket is connected to it, so the kernel hands this socket
 /// only the SFU's datagrams and every received datagram comes from `remote`.
-fn keep_one_candidate(answer: &str) -> Option<(String, SocketAddr)> {
+pub(crate) fn keep_one_candidate(answer: &str) -> Option<(String, SocketAddr)> {
     let udp = |l: &str| -> Option<SocketAddr> {
         // a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ ...
         let f: Vec<&str> = l.strip_prefix("a=candidate:")?.split_whitespace().collect();
@@ -382,14 +447,7 @@ impl Peer {
             }
             let mut wake = deadline.min(now + MAX_WAIT);
             if publisher && self.connected {
-                if self.video.is_some() {
-                    for l in &self.layers {
-                        wake = wake.min(if l.pending.is_empty() { l.next } else { now });
-                    }
-                }
-                if self.audio.is_some() {
-                    wake = wake.min(self.next_audio);
-                }
+                wake = wake.min(self.next_media(now));
             }
             if wake <= now {
                 self.input(Input::Timeout(now))?;
@@ -417,9 +475,47 @@ impl Peer {
         }
     }
 
+    /// Publisher: when its next media is due (`now` when packets of a frame are still pending;
+    /// `now + MAX_WAIT` when it sends nothing).
+    pub(crate) fn next_media(&self, now: Instant) -> Instant {
+        let mut wake = now + MAX_WAIT;
+        if self.video.is_some() {
+            for l in &self.layers {
+                wake = wake.min(if l.pending.is_empty() { l.next } else { now });
+            }
+        }
+        if self.audio.is_some() {
+            wake = wake.min(self.next_audio);
+        }
+        wake
+    }
+
+    /// The wait for a datagram on this peer's socket, kept across loop turns until it resolves
+    /// (then call [`Peer::ready_done`]).
+    pub(crate) fn ready_wait(&mut self) -> &mut udp::ReadyWait {
+        self.waiting.get_or_insert_with(|| self.ready.wait())
+    }
+
+    pub(crate) fn ready_done(&mut self) {
+        self.waiting = None;
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    pub(crate) fn is_joined(&self) -> bool {
+        self.joined
+    }
+
+    /// Held until DTLS connects (bounds the joins in progress per shard).
+    pub(crate) fn set_permit(&mut self, permit: Option<glommio::sync::StaticPermit>) {
+        self.permit = permit;
+    }
+
     /// Feed str0m everything queued on the socket, a batch per syscall, draining its output
     /// after each datagram (so each RTP packet is matched with its own arrival time).
-    fn receive_all(
+    pub(crate) fn receive_all(
         &mut self,
         shard: &Shard,
         spec: &PeerSpec,
@@ -455,14 +551,14 @@ impl Peer {
         }
     }
 
-    fn input(&mut self, input: Input<'_>) -> Result<(), String> {
+    pub(crate) fn input(&mut self, input: Input<'_>) -> Result<(), String> {
         self.rtc
             .handle_input(input)
             .map_err(|e| format!("str0m: {e}"))
     }
 
     /// Send what str0m has to send and act on its events, until it names its next deadline.
-    fn drain(
+    pub(crate) fn drain(
         &mut self,
         shard: &Shard,
         spec: &PeerSpec,
@@ -559,7 +655,7 @@ impl Peer {
 
     /// Publisher: write the media that is due. Returns whether anything was written (the
     /// caller drains str0m before waiting).
-    fn send_due(&mut self, shard: &Shard, spec: &PeerSpec, now: Instant) -> bool {
+    pub(crate) fn send_due(&mut self, shard: &Shard, spec: &PeerSpec, now: Instant) -> bool {
         if let Some((mid, pt)) = self.video {
             for l in &mut self.layers {
                 if l.pending.is_empty() && now >= l.next {

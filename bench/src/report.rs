@@ -108,6 +108,9 @@ pub struct Summary {
     pub sfu_drops: Option<u64>,
     /// `--simulcast`: how subscribers spread over the layers at the end.
     pub simulcast: Option<SimulcastSpread>,
+    /// `meeting`: who received whom. There `publishers` are the participants that published and
+    /// `subscribers` those that received at least one other participant.
+    pub meeting: Option<MeetingSpread>,
     pub capacity: Option<Capacity>,
     pub timeline: Vec<TimelineRow>,
 }
@@ -122,6 +125,19 @@ pub struct SimulcastSpread {
     pub without_video: u64,
     /// Layer changes subscribers saw (after their first layer).
     pub layer_changes: u64,
+}
+
+/// How far a `meeting` got: every participant should receive every other one.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeetingSpread {
+    pub room: String,
+    pub participants: u64,
+    /// Ordered (receiver, sender) pairs there should be: N x (N - 1).
+    pub pairs: u64,
+    /// Pairs whose receiver got media from its sender (by the end of the joining phase or later).
+    pub pairs_receiving: u64,
+    /// Participants receiving every other participant.
+    pub receiving_everyone: u64,
 }
 
 impl Summary {
@@ -151,6 +167,15 @@ impl Summary {
                 format!(
                     "subscribers per layer (l, m, h): {:?}, {} without video, {} layer changes (video not in delivered)",
                     sc.subscribers_per_layer, sc.without_video, sc.layer_changes
+                ),
+            );
+        }
+        if let Some(m) = &self.meeting {
+            line(
+                "meeting",
+                format!(
+                    "room {}: {} participants, {} of {} (receiver, sender) pairs receiving, {} receive everyone",
+                    m.room, m.participants, m.pairs_receiving, m.pairs, m.receiving_everyone
                 ),
             );
         }

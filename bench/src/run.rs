@@ -33,6 +33,8 @@ pub struct Options {
     pub max_concurrent_joins: u64,
     pub plan: MediaPlan,
     pub stream_prefix: String,
+    /// `meeting`: the room to join [default: the stream prefix and our pid].
+    pub room: Option<String>,
     pub quiet: bool,
 }
 
@@ -48,6 +50,9 @@ pub enum Scenario {
         max_p99_ms: f64,
         max_subscribers: u32,
     },
+    /// Everyone publishes to and receives from everyone in one `/ws` room
+    /// (`crate::meeting`): participants join at `join_rate`, then the window.
+    Meeting { participants: u32 },
 }
 
 /// How the run ended, besides its summary.
@@ -143,6 +148,8 @@ struct Runner {
     /// The bucket in which peers were told to stop: later seconds are teardown.
     stop_bucket: Option<u32>,
     next_subscriber: u32,
+    /// `meeting`: when each participant started joining (shared with the shards).
+    meeting_started: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
     status: Status,
     hard_deadline: Instant,
 }
@@ -170,6 +177,8 @@ impl Runner {
             } => publishers as u64 * (1 + subscribers as u64),
             // A ramp stops where it stops; its failed joins will say so.
             Scenario::Ramp { .. } => 0,
+            // Two peer connections and a WebSocket each.
+            Scenario::Meeting { participants } => participants as u64 * 3,
         };
         if fds > 0 && peers * 2 + 64 > fds {
             eprintln!(
@@ -210,6 +219,8 @@ impl Runner {
         }
         let publishers = match scenario {
             Scenario::Fanout { publishers, .. } | Scenario::Ramp { publishers, .. } => publishers,
+            // Participants are launched in the joining phase.
+            Scenario::Meeting { .. } => 0,
         };
         let window_bound = match scenario {
             Scenario::Fanout {
@@ -222,6 +233,10 @@ impl Runner {
                     )
             }
             Scenario::Ramp { .. } => opts.duration,
+            Scenario::Meeting { participants } => {
+                opts.duration
+                    + Duration::from_secs_f64(participants as f64 / opts.join_rate.max(1.0))
+            }
         };
         let hard_deadline = epoch + window_bound + 3 * opts.join_timeout + Duration::from_secs(60);
         let mut r = Runner {
@@ -237,18 +252,34 @@ impl Runner {
             timeline: Vec::new(),
             epoch_ns,
             epoch,
-            phase: Phase::Publishing {
-                deadline: Instant::now() + opts.join_timeout + Duration::from_secs(2),
+            phase: match scenario {
+                Scenario::Meeting { participants } => Phase::Subscribing {
+                    started: Instant::now(),
+                    launched: 0,
+                    total: participants,
+                    last_launch: Instant::now(),
+                },
+                _ => Phase::Publishing {
+                    deadline: Instant::now() + opts.join_timeout + Duration::from_secs(2),
+                },
             },
             window: None,
             capacity: None,
             aborted: None,
             stop_bucket: None,
             next_subscriber: 0,
+            meeting_started: std::sync::Arc::new(Vec::new()),
             status: Status::new(opts.quiet),
             hard_deadline,
             opts,
         };
+        if let Scenario::Meeting { participants } = scenario {
+            r.meeting_started = std::sync::Arc::new(
+                (0..participants)
+                    .map(|_| std::sync::atomic::AtomicU64::new(0))
+                    .collect(),
+            );
+        }
         r.take_sample(0);
         for p in 0..publishers {
             r.col.add_publisher();
@@ -272,6 +303,14 @@ impl Runner {
         )
     }
 
+    /// `meeting`: `--room`, else the stream prefix and our pid.
+    fn room(&self) -> String {
+        self.opts
+            .room
+            .clone()
+            .unwrap_or_else(|| format!("{}{}", self.opts.stream_prefix, std::process::id()))
+    }
+
     fn send(&self, key: usize, c: Command) {
         let _ = self.commands[key % self.commands.len()].send(c);
     }
@@ -279,7 +318,36 @@ impl Runner {
     fn publishers(&self) -> u32 {
         match self.scenario {
             Scenario::Fanout { publishers, .. } | Scenario::Ramp { publishers, .. } => publishers,
+            Scenario::Meeting { participants } => participants,
         }
+    }
+
+    /// The joining phase's next peer: a subscriber, or (meeting) a participant.
+    fn launch(&mut self) {
+        match self.scenario {
+            Scenario::Meeting { participants } => self.add_participant(participants),
+            _ => self.add_subscriber(),
+        }
+    }
+
+    /// A meeting participant: publisher `i`, and one collector subscriber per other participant
+    /// it receives (`crate::meeting::pair_id`).
+    fn add_participant(&mut self, participants: u32) {
+        let index = self.next_subscriber;
+        self.next_subscriber += 1;
+        self.col.add_publisher();
+        for sender in (0..participants).filter(|&s| s != index) {
+            self.col
+                .add_subscriber(crate::meeting::pair_id(index, sender, participants), sender);
+        }
+        let room = self.room();
+        let spec = crate::meeting::MeetingSpec {
+            index,
+            participants,
+            room,
+            started: self.meeting_started.clone(),
+        };
+        self.send(index as usize, Command::Join(spec));
     }
 
     fn add_subscriber(&mut self) {
@@ -419,6 +487,13 @@ impl Runner {
                         last_good: None,
                         last_launch: now,
                     },
+                    // (A meeting starts in the joining phase.)
+                    Scenario::Meeting { participants } => Phase::Subscribing {
+                        started: now,
+                        launched: 0,
+                        total: participants,
+                        last_launch: now,
+                    },
                 })
             }
             Phase::Subscribing {
@@ -436,7 +511,7 @@ impl Runner {
                 let mut last_launch = last_launch;
                 if due > launched {
                     for _ in launched..due {
-                        self.add_subscriber();
+                        self.launch();
                     }
                     last_launch = now;
                     if let Phase::Subscribing {
@@ -688,6 +763,32 @@ impl Runner {
         (summary, outcome)
     }
 
+    /// `meeting`: pairs receiving, and participants receiving anyone (the summary's
+    /// `subscribers`).
+    fn meeting_spread(&self, participants: u32) -> (crate::report::MeetingSpread, u64) {
+        let mut per_receiver = vec![0u32; participants as usize];
+        let ids = self.col.joined_subscriber_ids();
+        for &id in &ids {
+            let r = crate::meeting::receiver_of(id, participants) as usize;
+            if let Some(n) = per_receiver.get_mut(r) {
+                *n += 1;
+            }
+        }
+        let n = u64::from(participants);
+        let spread = crate::report::MeetingSpread {
+            room: self.room(),
+            participants: n,
+            pairs: n * n.saturating_sub(1),
+            pairs_receiving: ids.len() as u64,
+            receiving_everyone: per_receiver
+                .iter()
+                .filter(|&&k| k + 1 == participants)
+                .count() as u64,
+        };
+        let receiving = per_receiver.iter().filter(|&&k| k > 0).count() as u64;
+        (spread, receiving)
+    }
+
     fn summarize(&self) -> Summary {
         let (b0, b1) = self.window.unwrap_or((0, 0));
         let rows: Vec<&Row> = self
@@ -719,7 +820,11 @@ impl Runner {
         let sent = sum(&|r| r.sent);
         let lg_per_core = (lg_cpu > 0.0).then_some((sent + received) as f64 / lg_cpu);
         let saturated = dt.is_some_and(|dt| lg_cpu / (dt * self.commands.len() as f64) > 0.9);
-        let peers = self.col.publishers_joined + self.col.joined_subscribers();
+        let peers = match self.scenario {
+            // Two peer connections per participant (its pairs are not peers).
+            Scenario::Meeting { .. } => 2 * self.col.publishers_joined,
+            _ => self.col.publishers_joined + self.col.joined_subscribers(),
+        };
         let rss_per_peer = match (self.baseline.rss_bytes, s1.and_then(|s| s.sfu.rss_bytes)) {
             (Some(a), Some(b)) if peers > 0 => Some(b.saturating_sub(a) as f64 / peers as f64),
             _ => None,
@@ -751,11 +856,18 @@ impl Runner {
                 count: self.col.unfinished as u64,
             });
         }
+        let meeting = match self.scenario {
+            Scenario::Meeting { participants } => Some(self.meeting_spread(participants)),
+            _ => None,
+        };
         Summary {
             scenario: self.name.clone(),
             duration_s: (b1 - b0) as f64,
             publishers: self.col.publishers_joined,
-            subscribers: rows.iter().map(|r| r.subscribers).max().unwrap_or(0),
+            subscribers: match &meeting {
+                Some(m) => m.1,
+                None => rows.iter().map(|r| r.subscribers).max().unwrap_or(0),
+            },
             packets_sent: sent,
             packets_expected: expected,
             packets_received: received,
@@ -809,6 +921,7 @@ impl Runner {
                     layer_changes: self.col.layer_changes,
                 }
             }),
+            meeting: meeting.map(|(m, _)| m),
             capacity: self.capacity.clone(),
             timeline: self
                 .timeline

@@ -56,6 +56,8 @@ pub struct ShardSetup {
 #[derive(Debug)]
 pub enum Command {
     Add(PeerSpec),
+    /// A `meeting` participant (`crate::meeting`).
+    Join(crate::meeting::MeetingSpec),
     /// Leave: every peer stops, DELETEs its session, and the shard reports `Done`.
     Shutdown,
 }
@@ -295,6 +297,9 @@ async fn run(setup: ShardSetup) {
             match commands.try_recv() {
                 Ok(Command::Add(spec)) => {
                     glommio::spawn_local(peer::run(shard.clone(), spec)).detach();
+                }
+                Ok(Command::Join(spec)) => {
+                    glommio::spawn_local(crate::meeting::run(shard.clone(), spec)).detach();
                 }
                 Ok(Command::Shutdown) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     break 'control

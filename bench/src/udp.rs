@@ -66,7 +66,8 @@ pub type ReadyWait = std::pin::Pin<Box<dyn std::future::Future<Output = io::Resu
 pub struct Readiness(std::rc::Rc<UnixStream>);
 
 impl Readiness {
-    pub fn new(socket: &UdpSocket) -> io::Result<Readiness> {
+    /// Also serves a TCP socket (the `/ws` signaling of `crate::ws`): a peek works on both.
+    pub fn new(socket: &impl AsRawFd) -> io::Result<Readiness> {
         // SAFETY: dup of an open descriptor; on success the new descriptor is ours alone and is
         // owned (and closed) by the UnixStream from here on.
         let fd = unsafe { libc::dup(socket.as_raw_fd()) };
@@ -177,6 +178,20 @@ fn timestamp(h: &libc::msghdr) -> Option<u64> {
         }
     }
     None
+}
+
+/// A blocking-API `std` handle on a connected socket that glommio opened (glommio's stream has
+/// no `into_raw_fd`): a duplicate of its descriptor, so the connection outlives glommio's stream.
+/// `crate::ws` connects on the ring, then runs tungstenite over this (made non-blocking).
+pub fn dup_tcp(stream: &impl AsRawFd) -> io::Result<std::net::TcpStream> {
+    // SAFETY: dup of an open descriptor; on success the new one is ours alone and is owned (and
+    // closed) by the TcpStream from here on.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is an open TCP socket owned by nobody else.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
 }
 
 /// CLOCK_REALTIME in nanoseconds (the clock of kernel receive timestamps).
