@@ -1,6 +1,7 @@
 //! Smoke runs of the load generator against a real sluice on loopback: 1 publisher x 10
 //! subscribers for 5 s must deliver at least 99% and write a JSON with every documented field;
-//! an unreachable SFU must be a quick, clear failure; scenarios that need rooms say so.
+//! an unreachable SFU must be a quick, clear failure; a meeting of 3 in a /ws room has everyone
+//! receive everyone.
 //!
 //! sluice runs inside this test process (so `--sfu-pid` is our own pid: the loadgen is a child
 //! process and its CPU is not counted here).
@@ -183,8 +184,72 @@ fn an_unreachable_sfu_is_a_clear_quick_failure() {
 }
 
 #[test]
-fn meeting_says_it_needs_rooms() {
-    let out = loadgen(&["meeting", "--participants", "4"], Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("rooms"));
+fn meeting_of_3_everyone_receives_everyone() {
+    let server = start_sluice();
+    let url = format!("http://{}", server.http_addr);
+    let json = tmp_path("meeting.json");
+    let pid = std::process::id().to_string();
+    let started = Instant::now();
+    let out = loadgen(
+        &[
+            "meeting",
+            "--url",
+            &url,
+            "--participants",
+            "3",
+            "--duration",
+            "3",
+            "--cores",
+            "1",
+            "--sfu-pid",
+            &pid,
+            "--json",
+            json.to_str().unwrap(),
+            "--quiet",
+        ],
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "loadgen failed: {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    eprintln!("{stdout}");
+    let text = std::fs::read_to_string(&json).expect("the JSON file is written");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(v["scenario"], "meeting");
+    assert_eq!(v["publishers"].as_u64(), Some(3), "{text}");
+    assert_eq!(v["subscribers"].as_u64(), Some(3), "{text}");
+    assert_eq!(v["meeting"]["pairs"].as_u64(), Some(6), "{text}");
+    assert_eq!(v["meeting"]["pairs_receiving"].as_u64(), Some(6), "{text}");
+    assert_eq!(
+        v["meeting"]["receiving_everyone"].as_u64(),
+        Some(3),
+        "{text}"
+    );
+    // Every packet is owed to the two other participants.
+    let sent = v["packets_sent"].as_u64().unwrap();
+    assert!(sent > 500, "{text}");
+    assert_eq!(v["packets_expected"].as_u64(), Some(sent * 2), "{text}");
+    let delivered = v["delivered_ratio"].as_f64().unwrap();
+    assert!(delivered >= 0.99, "delivered {delivered}: {text}");
+    assert_eq!(v["rejected_joins"].as_u64(), Some(0), "{text}");
+    assert!(v["join_ms"]["p50"].as_f64().unwrap() > 0.0, "{text}");
+    assert!(v["latency_us"]["p50"].as_u64().unwrap() > 0, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the meeting smoke run took {:?}",
+        started.elapsed()
+    );
+    server.shutdown();
+}
+
+#[test]
+fn meeting_needs_two_participants() {
+    let out = loadgen(&["meeting", "--participants", "1"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2"));
 }
