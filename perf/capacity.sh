@@ -5,6 +5,7 @@
 #   perf/capacity.sh                 # the standard set, sized for a 2-CPU machine
 #   SFU_CPUS=2-5 LG_CPUS=6-15 FANOUT_SUBS=2000 perf/capacity.sh   # a bigger box
 #   CASES="fanout-uring fanout-simulcast-uring" perf/capacity.sh   # some cases only (names below)
+#   MEETING=1 perf/capacity.sh       # also the optional /ws room case (or CASES="meeting-uring")
 #
 # Everything runs on loopback (127.0.0.1) and every step is bounded in time. See perf/README.md.
 set -euo pipefail
@@ -22,6 +23,8 @@ AUDIO_SUBS=${AUDIO_SUBS:-25}
 RAMP_RATE=${RAMP_RATE:-10}
 RAMP_SECONDS=${RAMP_SECONDS:-90}
 RAMP_MAX_P99_MS=${RAMP_MAX_P99_MS:-50}
+MEETING=${MEETING:-0}
+MEETING_PARTICIPANTS=${MEETING_PARTICIPANTS:-6}
 HTTP_PORT=${HTTP_PORT:-18480}
 MEDIA_PORT=${MEDIA_PORT:-42000}
 PROFILE=${PROFILE:-0}
@@ -149,6 +152,9 @@ if note.startswith("@ratio:"):
     notes.append("uring/mmsg egress per CPU-s = " + ("n/a" if not u or not m else f"{u / m:.2f}"))
 elif note:
     notes.append(note)
+mt = s.get("meeting")
+if mt:
+    notes.append(f"meeting: {mt['participants']} participants, {mt['pairs_receiving']} of {mt['pairs']} pairs receiving")
 sc = s.get("simulcast")
 if sc:
     notes.append("simulcast: subscribers on layers l/m/h " + "/".join(str(n) for n in sc["subscribers_per_layer"])
@@ -234,5 +240,9 @@ if [ -f "$OUT/ramp-uring.json" ]; then
         run_case fanout-half-uring uring "half of the ramp's capacity ($CAP)" \
             fanout --publishers 1 --subscribers "$HALF" --duration "$DURATION"
     fi
+fi
+# Optional (MEETING=1, or named in CASES): N participants in one /ws room, everyone to everyone.
+if [ "$MEETING" = 1 ] || [[ " ${CASES:-} " == *" meeting-uring "* ]]; then
+    run_case meeting-uring uring "" meeting --participants "$MEETING_PARTICIPANTS" --duration "$DURATION"
 fi
 echo "== done: rows appended to $RESULTS, charts in $CHARTS/, JSON and logs in $OUT/"
