@@ -279,14 +279,26 @@ fn ice_restart_moves_a_viewer_to_a_new_address() {
             > before + 50),
         "media continues after the restart, on the new 5-tuple"
     );
-    let got = viewer.received();
-    let seqs: Vec<u64> = got.iter().filter(|r| r.video).map(|r| r.seq).collect();
     // Packets in flight to the old address during the move are lost, then repaired by NACK
-    // from sluice's send buffer: after sorting, nothing is missing.
-    let mut tail = seqs[seqs.len() - 40..].to_vec();
-    tail.sort();
+    // from sluice's send buffer: the 40 sequence numbers around the move all arrive (the window
+    // is fixed now; repairs may still be on their way on a busy machine).
+    let seqs = || {
+        let mut seqs: Vec<u64> = viewer
+            .received()
+            .iter()
+            .filter(|r| r.video)
+            .map(|r| r.seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs
+    };
+    let newest = *seqs().last().unwrap();
+    let wanted = newest - 60..newest - 20;
+    let have = || -> Vec<u64> { seqs().into_iter().filter(|s| wanted.contains(s)).collect() };
     assert!(
-        is_sorted_continuous(&tail),
-        "complete after the move: {tail:?}"
+        wait_until(Duration::from_secs(3), || have().len() == 40),
+        "complete after the move: {:?}",
+        have()
     );
 }
