@@ -27,11 +27,11 @@ use str0m::change::SdpOffer;
 use str0m::media::Mid;
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpPacket;
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Event, Input, Output, Rtc};
 
 use crate::accounting::SeqTracker;
 use crate::clock::mono_ns;
-use crate::peer::{self, keep_one_candidate, short, Offered, Peer, PeerSpec, Role};
+use crate::peer::{self, client_socket, keep_one_candidate, short, Offered, Peer, PeerSpec, Role};
 use crate::probe::Probe;
 use crate::room::{self, ServerMsg};
 use crate::shard::{Shard, ShardEvent};
@@ -43,7 +43,6 @@ const SIGNALING_TIMEOUT: Duration = Duration::from_secs(10);
 const LEAVE_WAIT: Duration = Duration::from_secs(3);
 /// Longest a participant sleeps without looking at its shard's stop flag.
 const MAX_WAIT: Duration = Duration::from_millis(100);
-const RECV_BUFFER_BYTES: i32 = 4 << 20;
 /// How often join deadlines are checked.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 
@@ -166,27 +165,8 @@ impl Participant {
         if let Some(s) = spec.started.get(spec.index as usize) {
             s.store(started_ns, Ordering::Relaxed);
         }
-        let socket =
-            UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("cannot bind a UDP socket: {e}"))?;
-        socket
-            .set_nonblocking(true)
-            .map_err(|e| format!("UDP socket: {e}"))?;
-        udp::set_recv_buffer(&socket, RECV_BUFFER_BYTES);
-        udp::enable_timestamps(&socket).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
-        let local = socket.local_addr().map_err(|e| e.to_string())?;
+        let (socket, local, rtc) = client_socket(shard)?;
         let ready = Readiness::new(&socket).map_err(|e| format!("UDP socket: {e}"))?;
-        let mut cfg = RtcConfig::new()
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .set_dtls_cert(shard.cert.clone());
-        if shard.plan.video.is_some() {
-            cfg = cfg.enable_vp8(true);
-        }
-        if shard.plan.audio_bytes.is_some() {
-            cfg = cfg.enable_opus(true, false);
-        }
-        let mut rtc = cfg.build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| e.to_string())?);
         let mut pairs = vec![Pair::Waiting; spec.participants as usize];
         if let Some(p) = pairs.get_mut(spec.index as usize) {
             *p = Pair::Me;

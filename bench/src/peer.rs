@@ -232,9 +232,9 @@ async fn connect(shard: &Shard, spec: &PeerSpec) -> Result<Peer, String> {
     )
 }
 
-/// Make a peer's socket and `Rtc`, and its offer: sendonly (publisher) or recvonly
-/// (subscriber) video and audio as the plan says.
-pub(crate) fn offer(shard: &Shard, spec: &PeerSpec) -> Result<Offered, String> {
+/// A client's own non-blocking UDP socket on loopback (kernel receive timestamps on) and its
+/// `Rtc`: RTP mode, the shard's DTLS certificate, the plan's codecs, the socket as candidate.
+pub(crate) fn client_socket(shard: &Shard) -> Result<(UdpSocket, SocketAddr, Rtc), String> {
     let socket =
         UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("cannot bind a UDP socket: {e}"))?;
     socket
@@ -256,6 +256,13 @@ pub(crate) fn offer(shard: &Shard, spec: &PeerSpec) -> Result<Offered, String> {
     let mut rtc = cfg.build(Instant::now());
     let candidate = Candidate::host(local, "udp").map_err(|e| e.to_string())?;
     rtc.add_local_candidate(candidate);
+    Ok((socket, local, rtc))
+}
+
+/// Make a peer's socket and `Rtc`, and its offer: sendonly (publisher) or recvonly
+/// (subscriber) video and audio as the plan says.
+pub(crate) fn offer(shard: &Shard, spec: &PeerSpec) -> Result<Offered, String> {
+    let (socket, local, mut rtc) = client_socket(shard)?;
     let dir = match spec.role {
         Role::Publisher => Direction::SendOnly,
         Role::Subscriber => Direction::RecvOnly,
