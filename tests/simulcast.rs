@@ -441,9 +441,8 @@ fn metric(base: &str, name: &str, labels: &[&str]) -> f64 {
 /// they measure suffer when the two cores are shared with another test.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-#[test]
-fn viewers_get_the_layer_their_cap_allows() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A sluice with a simulcast publisher of stream "sim", sending all three layers for 1.5 s.
+fn serve_and_publish() -> (sluice::serve::Server, String, Publisher) {
     let server = start(config(2, IoBackend::Mmsg));
     let base = format!("http://{}", server.http_addr);
     let publisher = publish(&base, "sim");
@@ -452,6 +451,13 @@ fn viewers_get_the_layer_their_cap_allows() {
         .connected
         .load(Ordering::Relaxed)));
     std::thread::sleep(Duration::from_millis(1500));
+    (server, base, publisher)
+}
+
+#[test]
+fn viewers_get_the_layer_their_cap_allows() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_server, base, publisher) = serve_and_publish();
     let top = play(&base, "sim", "", 0);
     let low = play(&base, "sim", "?layer=low", 0);
     let mid = play(&base, "sim", "?layer=mid", 0);
@@ -530,14 +536,7 @@ fn viewers_get_the_layer_their_cap_allows() {
 #[test]
 fn a_limited_downlink_gets_a_lower_layer_then_climbs_back() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let server = start(config(2, IoBackend::Mmsg));
-    let base = format!("http://{}", server.http_addr);
-    let publisher = publish(&base, "sim");
-    assert!(wait_until(Duration::from_secs(10), || publisher
-        .st
-        .connected
-        .load(Ordering::Relaxed)));
-    std::thread::sleep(Duration::from_millis(1500));
+    let (_server, base, _publisher) = serve_and_publish();
     // 600 kbit/s carries the lowest layer (about 260 kbit/s on the wire) but not the middle one
     // with headroom (about 520 kbit/s on the wire; the selector wants 15% more to go up).
     let v = play(&base, "sim", "", 600_000);
