@@ -357,6 +357,8 @@ struct ShardState {
     scratch_subs: Vec<(usize, usize)>,
     /// Arrival time of each packet forwarded this turn, for the latency histogram at flush.
     forwarded_arrivals: Vec<Instant>,
+    /// Subscribers given packets this turn (each once; `Peer::written` marks them).
+    written: Vec<usize>,
     next_latency_rotate: Instant,
     next_sweep: Instant,
     next_publish: Instant,
@@ -391,6 +393,7 @@ impl Shard {
             keyframe_needs: Vec::with_capacity(64),
             scratch_subs: Vec::with_capacity(64),
             forwarded_arrivals: Vec::with_capacity(4096),
+            written: Vec::with_capacity(256),
             next_latency_rotate: now + Duration::from_secs(1),
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
@@ -450,6 +453,9 @@ impl Shard {
             // Peer deadlines, keyframe throttles, liveness.
             self.st.handle_timers(now);
             self.st.route_keyframe_needs(now);
+
+            // Subscribers that were given packets this turn send them.
+            self.st.send_written(Instant::now());
 
             // Everything produced this turn goes out now, in one batch per destination.
             let dropped = self.st.mesh.flush();
@@ -924,7 +930,10 @@ impl ShardState {
             peer::Forwarded::Sent => {
                 self.counters.inc(Counter::RtpForwarded);
                 self.forwarded_arrivals.push(packet.arrival);
-                self.drain(key, now);
+                if !peer.written {
+                    peer.written = true;
+                    self.written.push(key);
+                }
             }
             peer::Forwarded::NoCodec => self.counters.inc(Counter::DropNoCodec),
             peer::Forwarded::OtherLayer => {}
@@ -948,6 +957,28 @@ impl ShardState {
             }
             peer::Forwarded::Skipped => {}
         }
+    }
+
+    /// Send what this turn's forwarding wrote into each subscriber's `Rtc`. str0m's pacer only
+    /// sees newly queued packets on a timeout, so one `handle_timeout` per subscriber per turn,
+    /// then one drain, sends everything it was given (a keyframe burst from a whole receive
+    /// batch), instead of a timer pop, a timeout and a drain per packet.
+    fn send_written(&mut self, now: Instant) {
+        let mut written = std::mem::take(&mut self.written);
+        for key in written.drain(..) {
+            let Some(peer) = self.peers.get_mut(key) else {
+                continue;
+            };
+            if !peer.written {
+                continue; // closed, and the key reused this turn
+            }
+            peer.written = false;
+            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(shard = self.id, error = %e, "timeout input failed");
+            }
+            self.drain(key, now);
+        }
+        self.written = written;
     }
 
     fn handle_mesh(&mut self, now: Instant) {

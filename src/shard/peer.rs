@@ -35,6 +35,8 @@ pub struct Peer {
     pub last_recv: Instant,
     /// The deadline the timer heap holds for this peer.
     pub deadline: Option<Instant>,
+    /// Given packets this turn that str0m has not sent yet (see `ShardState::send_written`).
+    pub written: bool,
     /// 5-tuples (socket, remote) this peer is reached on.
     pub sources: Vec<(usize, SocketAddr)>,
     /// Cumulative NACK counts str0m last reported, per mid.
@@ -130,6 +132,7 @@ impl Peer {
             created: now,
             last_recv: now,
             deadline: None,
+            written: false,
             sources: Vec::with_capacity(2),
             nacks: Vec::new(),
             bwe: None,
