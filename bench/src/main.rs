@@ -8,6 +8,7 @@
 mod accounting;
 mod clock;
 mod collect;
+mod hiccup;
 mod http;
 mod media;
 mod meeting;
@@ -94,6 +95,17 @@ enum ScenarioCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// No SFU: spin one thread on this CPU and report the latency the machine itself adds
+    /// (interrupts, other tasks, a VM's host), the floor under every latency figure. Run it
+    /// pinned where the SFU runs (`taskset -c 0`).
+    Hiccup {
+        /// Seconds to spin.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Write the summary as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -132,6 +144,11 @@ struct Common {
     /// Seconds between keyframes.
     #[arg(long, default_value_t = 2.0)]
     keyframe_interval: f64,
+    /// Video packets leave at this multiple of the bitrate, as a browser's pacer sends them
+    /// (libwebrtc's default is 2.5: a keyframe ten times a delta frame spreads over about 3.5
+    /// frame intervals). 0 sends each frame as one burst, the worst case for an SFU's latency.
+    #[arg(long, default_value_t = 2.5)]
+    pacing_factor: f64,
     /// Audio bitrate per publisher, bits/s (50 packets/s).
     #[arg(long, default_value_t = 32_000)]
     audio_bitrate: u64,
@@ -160,6 +177,12 @@ impl Common {
         if !(self.keyframe_interval > 0.0 && self.keyframe_interval.is_finite()) {
             return Err("--keyframe-interval must be positive".into());
         }
+        if !(self.pacing_factor >= 0.0 && self.pacing_factor.is_finite()) {
+            return Err("--pacing-factor must be 0 (no pacing) or positive".into());
+        }
+        if self.pacing_factor > 0.0 && self.pacing_factor < 1.0 {
+            return Err("--pacing-factor below 1 cannot keep up with the bitrate".into());
+        }
         if !(self.join_timeout > 0.0 && self.join_timeout.is_finite()) {
             return Err("--join-timeout must be positive".into());
         }
@@ -183,6 +206,7 @@ impl Common {
                     bitrate_bps: self.video_bitrate,
                     fps: 30,
                     keyframe_interval: Duration::from_secs_f64(self.keyframe_interval),
+                    pacing_factor: self.pacing_factor,
                 }),
                 audio_bytes: Some((self.audio_bitrate / 8 / media::AUDIO_PPS) as usize),
                 simulcast: self.simulcast && video,
@@ -198,6 +222,19 @@ fn main() {
     let cli = Cli::parse();
     let mut room = None;
     let (name, scenario, common, video) = match cli.scenario {
+        ScenarioCmd::Hiccup { duration, json } => {
+            if !(duration > 0.0 && duration.is_finite()) {
+                eprintln!("error: --duration must be positive");
+                std::process::exit(1);
+            }
+            let summary = hiccup::measure(Duration::from_secs_f64(duration));
+            print!("{}", summary.table());
+            if let Some(Err(e)) = json.map(|p| summary.write_json(&p)) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
         ScenarioCmd::Fanout {
             publishers,
             subscribers,

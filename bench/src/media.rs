@@ -31,6 +31,10 @@ pub struct VideoConfig {
     pub bitrate_bps: u64,
     pub fps: u32,
     pub keyframe_interval: Duration,
+    /// Packets leave at this multiple of the bitrate, as libwebrtc's pacer sends (its default
+    /// is 2.5), so a keyframe is spread over several frame intervals. 0: each frame leaves in
+    /// one burst.
+    pub pacing_factor: f64,
 }
 
 /// One encoded frame, cut into RTP payloads (each at most [`MAX_PAYLOAD`] bytes, the last one
@@ -78,6 +82,16 @@ impl VideoSource {
 
     pub fn frame_interval(&self) -> Duration {
         Duration::from_secs_f64(1.0 / self.cfg.fps.max(1) as f64)
+    }
+
+    /// How long the pacer waits after sending a packet of `bytes` (zero without pacing).
+    pub fn pacing_gap(&self, bytes: usize) -> Duration {
+        let rate = self.cfg.bitrate_bps as f64 * self.cfg.pacing_factor;
+        if rate > 0.0 {
+            Duration::from_secs_f64(bytes as f64 * 8.0 / rate)
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// The next frame: a keyframe when it is the first, when the interval is up, or when asked
@@ -174,7 +188,30 @@ mod tests {
             bitrate_bps,
             fps: 30,
             keyframe_interval: Duration::from_secs(2),
+            pacing_factor: 2.5,
         })
+    }
+
+    #[test]
+    fn paced_at_2_5x_a_keyframe_spreads_over_three_and_a_half_frame_intervals() {
+        let mut v = source(1_500_000);
+        let (key, delta) = (v.next_frame(false), v.next_frame(false));
+        let gap =
+            |f: &Frame| -> Duration { f.payloads.iter().map(|p| v.pacing_gap(p.len())).sum() };
+        let (key, delta) = (gap(&key), gap(&delta));
+        let frame = v.frame_interval();
+        // 1.5 Mbit/s over 60 frames, the keyframe 10 delta frames: a delta frame is 60/69 of
+        // the mean frame and leaves in 0.35 of a frame interval at 2.5x; the keyframe in 3.5.
+        assert!(key > frame * 33 / 10 && key < frame * 37 / 10, "{key:?}");
+        assert!(
+            delta > frame * 33 / 100 && delta < frame * 37 / 100,
+            "{delta:?}"
+        );
+        let burst = VideoSource::new(VideoConfig {
+            pacing_factor: 0.0,
+            ..v.cfg
+        });
+        assert_eq!(burst.pacing_gap(1200), Duration::ZERO);
     }
 
     #[test]

@@ -159,14 +159,20 @@ pub(crate) struct Peer {
 pub const SIMULCAST_RIDS: [&str; 3] = ["l", "m", "h"];
 pub const SIMULCAST_SHARE: [f64; 3] = [0.1, 1.0 / 3.0, 1.0];
 
+/// How far the video pacer may fall behind and catch up in a burst (libwebrtc's pacer works in
+/// 5 ms steps).
+const PACER_BURST: Duration = Duration::from_millis(5);
+
 /// One video stream a publisher sends: the only one, or a simulcast layer.
 struct VideoLayer {
     rid: Option<Rid>,
     source: VideoSource,
     next: Instant,
     keyframe_requested: bool,
-    /// The current frame's packets not yet written: (payload, RTP time, marker).
+    /// Packets of the frames made so far not yet written: (payload, RTP time, marker).
     pending: std::collections::VecDeque<(Vec<u8>, u32, bool)>,
+    /// When the pacer lets the next pending packet go.
+    next_packet: Instant,
     probe_seq: u32,
     rtp_seq: u64,
 }
@@ -382,6 +388,7 @@ fn video_layers(shard: &Shard, spec: &PeerSpec, first: Instant) -> Vec<VideoLaye
         next: first,
         keyframe_requested: false,
         pending: Default::default(),
+        next_packet: first,
         probe_seq: 0,
         rtp_seq: 1000 + u64::from(spec.id) * 7 + n * 20_000,
     };
@@ -482,13 +489,17 @@ impl Peer {
         }
     }
 
-    /// Publisher: when its next media is due (`now` when packets of a frame are still pending;
-    /// `now + MAX_WAIT` when it sends nothing).
+    /// Publisher: when its next media is due (the next frame, or the pacer's next slot while
+    /// packets are pending; `now + MAX_WAIT` when it sends nothing).
     pub(crate) fn next_media(&self, now: Instant) -> Instant {
         let mut wake = now + MAX_WAIT;
         if self.video.is_some() {
             for l in &self.layers {
-                wake = wake.min(if l.pending.is_empty() { l.next } else { now });
+                wake = wake.min(if l.pending.is_empty() {
+                    l.next
+                } else {
+                    l.next.min(l.next_packet.max(now))
+                });
             }
         }
         if self.audio.is_some() {
@@ -665,7 +676,8 @@ impl Peer {
     pub(crate) fn send_due(&mut self, shard: &Shard, spec: &PeerSpec, now: Instant) -> bool {
         if let Some((mid, pt)) = self.video {
             for l in &mut self.layers {
-                if l.pending.is_empty() && now >= l.next {
+                // Frames come on the encoder's schedule and queue behind the pacer.
+                if now >= l.next {
                     let interval = l.source.frame_interval();
                     let frame = l
                         .source
@@ -691,9 +703,20 @@ impl Peer {
             // sends it (not a whole keyframe burst earlier).
             let simulcast = self.layers.len() > 1;
             for (index, l) in self.layers.iter_mut().enumerate() {
+                if now < l.next_packet {
+                    continue;
+                }
                 let Some((mut payload, rtp_time, marker)) = l.pending.pop_front() else {
                     continue;
                 };
+                // The pacer's clock: a send that is late by more than a burst's worth starts
+                // afresh instead of catching up in a burst.
+                let base = if l.next_packet + PACER_BURST < now {
+                    now
+                } else {
+                    l.next_packet
+                };
+                l.next_packet = base + l.source.pacing_gap(payload.len());
                 let sent_ns = mono_ns();
                 Probe {
                     stream: StreamId::new(spec.publisher, true).with_layer(index as u8),

@@ -94,6 +94,9 @@ pub struct Summary {
     /// The loadgen used more than 90% of its cores: the SFU was not necessarily the limit.
     pub loadgen_saturated: bool,
     pub loadgen_late_frames: u64,
+    /// `--pacing-factor` of the publishers' video (0: each frame in one burst); `None` without
+    /// video.
+    pub video_pacing_factor: Option<f64>,
     pub reordered: u64,
     pub duplicates: u64,
     pub too_old: u64,

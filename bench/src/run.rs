@@ -890,6 +890,7 @@ impl Runner {
             loadgen_pps_per_core: lg_per_core,
             loadgen_saturated: saturated,
             loadgen_late_frames: self.col.late_frames,
+            video_pacing_factor: self.opts.plan.video.map(|v| v.pacing_factor),
             reordered: sum(&|r| r.counts.reordered),
             duplicates: sum(&|r| r.counts.duplicates),
             too_old: sum(&|r| r.counts.too_old),
