@@ -6,6 +6,7 @@
 #   SFU_CPUS=2-5 LG_CPUS=6-15 FANOUT_SUBS=2000 perf/capacity.sh   # a bigger box
 #   CASES="fanout-uring fanout-simulcast-uring" perf/capacity.sh   # some cases only (names below)
 #   MEETING=1 perf/capacity.sh       # also the optional /ws room case (or CASES="meeting-uring")
+#   BUILD=0 SLUICE=/tmp/old/sluice CASES=fanout-uring perf/capacity.sh   # another build of sluice
 #
 # Everything runs on loopback (127.0.0.1) and every step is bounded in time. See perf/README.md.
 set -euo pipefail
@@ -31,8 +32,10 @@ PROFILE=${PROFILE:-0}
 RESULTS=${RESULTS:-perf/RESULTS.md}
 CHARTS=${CHARTS:-perf/charts}
 OUT=${OUT:-target/perf/$(date +%Y%m%d-%H%M%S)}
-SLUICE=target/release/sluice
-LOADGEN=target/release/sluice-loadgen
+# Prebuilt binaries (for an A/B of two builds) skip the build: SLUICE=/tmp/a/sluice BUILD=0.
+SLUICE=${SLUICE:-target/release/sluice}
+LOADGEN=${LOADGEN:-target/release/sluice-loadgen}
+BUILD=${BUILD:-1}
 
 # Number of CPUs in a taskset list such as "1-3,6".
 count_cpus() {
@@ -47,8 +50,10 @@ SFU_SHARDS=${SFU_SHARDS:-$(count_cpus "$SFU_CPUS")}
 LG_CORES=${LG_CORES:-$(count_cpus "$LG_CPUS")}
 
 mkdir -p "$OUT" "$CHARTS"
-echo "== building release (sluice and sluice-loadgen)"
-cargo build --release -p sluice -p sluice-loadgen
+if [ "$BUILD" = 1 ]; then
+    echo "== building release (sluice and sluice-loadgen)"
+    cargo build --release -p sluice -p sluice-loadgen
+fi
 
 # ---- host tuning, restored on exit ----
 declare -A SAVED=()
@@ -202,7 +207,7 @@ run_case() {
     local perf_pid=
     if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         # Sample the SFU for most of the window, after joins have settled.
-        ( sleep $((DURATION / 2 + 5)); timeout $((DURATION / 2 + 5)) perf record -e cpu-clock -g \
+        ( sleep $((DURATION / 2 + 5)); timeout $((DURATION / 2 + 5)) perf record -e cpu-clock ${PERF_CALLGRAPH:--g} \
             -p "$SFU_PID" -o "$OUT/$name.perf.data" -- sleep $((DURATION / 2)) ) >"$OUT/$name.perf.log" 2>&1 &
         perf_pid=$!
     fi
@@ -225,11 +230,38 @@ run_case() {
     fi
 }
 
+# The machine's own latency floor on the SFU's CPU, with no SFU running (see bench/src/hiccup.rs):
+# one row, its latency columns being how late a thread wakes from a 500 us sleep.
+run_hiccup() {
+    if [ -n "${CASES:-}" ] && [[ " $CASES " != *" hiccup "* ]]; then
+        return 0
+    fi
+    local json=$OUT/hiccup.json first_cpu=${SFU_CPUS%%[,-]*}
+    echo "== hiccup: the machine's own latency on CPU $first_cpu, no SFU"
+    taskset -c "$first_cpu" "$LOADGEN" hiccup --duration "$DURATION" --json "$json"
+    python3 - "$json" "$DATE" "$COMMIT" "$MACHINE" "$first_cpu" "$DURATION" >>"$RESULTS" <<'EOF2'
+import json, sys
+path, date, commit, machine, cpu, duration = sys.argv[1:7]
+s = json.load(open(path))
+w, a = s["wakeup_late_us"], s["added_latency_us"]
+gaps = ", ".join(f"{n} over {us / 1000:g} ms" for us, n in s["gaps_over_us"])
+note = (f"no SFU: the floor. Latency columns: lateness waking from a 500 us sleep. A spinning thread "
+        f"was stalled {s['stalled_ratio'] * 100:.2f} % of the time ({gaps}; longest {s['max_gap_us'] / 1000:.1f} ms), "
+        f"adding p99 {a['p99']} us / p99.9 {a['p999']} us to a random arrival")
+cells = [date, commit, machine, f"`taskset -c {cpu} sluice-loadgen hiccup --duration {duration}`", "-",
+         "", "", "", f"{w['p50']} / {w['p99']} / {w['p999']}", "", "", "", note]
+print("| " + " | ".join(cells) + " |")
+EOF2
+}
+
 ensure_results
 echo "== machine: $MACHINE; sluice on CPU(s) $SFU_CPUS ($SFU_SHARDS shard(s)), loadgen on $LG_CPUS ($LG_CORES core(s)); out: $OUT"
+run_hiccup
 
 run_case fanout-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
 run_case fanout-mmsg mmsg "@ratio:$OUT/fanout-uring.json" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
+# The same fan-out with every frame sent in one burst (no pacer): the worst case for latency.
+run_case fanout-burst-uring uring "publisher unpaced (--pacing-factor 0)" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION" --pacing-factor 0
 run_case fanout-simulcast-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION" --simulcast
 run_case audio-uring uring "" audio --publishers "$AUDIO_PUBS" --subscribers "$AUDIO_SUBS" --duration "$DURATION"
 run_case ramp-uring uring "" ramp --publishers 1 --rate "$RAMP_RATE" --max-p99 "$RAMP_MAX_P99_MS" --duration "$RAMP_SECONDS"
