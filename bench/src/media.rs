@@ -4,7 +4,7 @@
 //! keyframe's start code and size). The probe ([`crate::probe`]) is written over each payload's
 //! last bytes by the sender.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::probe::PROBE_LEN;
 
@@ -35,6 +35,46 @@ pub struct VideoConfig {
     /// is 2.5), so a keyframe is spread over several frame intervals. 0: each frame leaves in
     /// one burst.
     pub pacing_factor: f64,
+}
+
+/// A leaky-bucket pacer on the publisher's clock (sans-IO: the caller passes `now`). Packets
+/// leave no closer than [`VideoSource::pacing_gap`] apart while a queue is waiting. An idle
+/// pacer banks no credit: a frame that finds the queue empty starts the clock at `now`. A pacer
+/// woken late catches up, back to back, until it is on schedule again; more than `max_debt`
+/// behind, the debt beyond that is forgiven and the event is reported (the sender is
+/// overloaded).
+#[derive(Debug, Clone, Copy)]
+pub struct Pacer {
+    next: Instant,
+    max_debt: Duration,
+}
+
+impl Pacer {
+    pub fn new(now: Instant, max_debt: Duration) -> Pacer {
+        Pacer {
+            next: now,
+            max_debt,
+        }
+    }
+
+    /// Packets were queued while the queue was empty.
+    pub fn queue_started(&mut self, now: Instant) {
+        self.next = self.next.max(now);
+    }
+
+    /// When the next waiting packet may leave.
+    pub fn next_send(&self) -> Instant {
+        self.next
+    }
+
+    /// A packet whose gap is `gap` leaves at `now` (not before [`Pacer::next_send`]). True when
+    /// the pacer was more than `max_debt` behind its schedule.
+    pub fn sent(&mut self, now: Instant, gap: Duration) -> bool {
+        let late = self.next + self.max_debt < now;
+        let base = if late { now - self.max_debt } else { self.next };
+        self.next = base + gap;
+        late
+    }
 }
 
 /// One encoded frame, cut into RTP payloads (each at most [`MAX_PAYLOAD`] bytes, the last one
@@ -212,6 +252,77 @@ mod tests {
             ..v.cfg
         });
         assert_eq!(burst.pacing_gap(1200), Duration::ZERO);
+    }
+
+    /// Frames every interval, each queued behind the pacer; the sender wakes `late` after the
+    /// pacer's slot. Returns each packet's (send time, frame number) and the late events.
+    fn pace(frames: &[usize], gap: Duration, late: Duration) -> (Vec<(Duration, usize)>, usize) {
+        let t0 = Instant::now();
+        let interval = Duration::from_millis(33);
+        let mut pacer = Pacer::new(t0, Duration::from_millis(50));
+        let (mut queue, mut sends, mut lates) = (std::collections::VecDeque::new(), vec![], 0);
+        let mut now = t0;
+        let mut next_frame = 0;
+        while next_frame < frames.len() || !queue.is_empty() {
+            let frame_at = t0 + interval * next_frame as u32;
+            let send_at = (!queue.is_empty()).then(|| pacer.next_send().max(now) + late);
+            if next_frame < frames.len() && send_at.is_none_or(|s| frame_at <= s) {
+                now = now.max(frame_at);
+                if queue.is_empty() {
+                    pacer.queue_started(now);
+                }
+                queue.extend(std::iter::repeat_n(next_frame, frames[next_frame]));
+                next_frame += 1;
+            } else {
+                now = send_at.unwrap();
+                let frame = queue.pop_front().unwrap();
+                lates += usize::from(pacer.sent(now, gap));
+                sends.push((now - t0, frame));
+            }
+        }
+        (sends, lates)
+    }
+
+    #[test]
+    fn the_pacer_spaces_every_frame_and_an_idle_pacer_banks_no_credit() {
+        let gap = Duration::from_micros(2560);
+        // A keyframe of 52 packets, then delta frames of 6: the pacer is idle between them.
+        let mut frames = vec![52];
+        frames.extend([6; 20]);
+        let (sends, lates) = pace(&frames, gap, Duration::ZERO);
+        assert_eq!(lates, 0);
+        for w in sends.windows(2) {
+            assert!(w[1].0 - w[0].0 >= gap, "packets {w:?} closer than the gap");
+        }
+        // A frame that finds the pacer idle leaves when it is made, not earlier.
+        let last_first = sends.iter().find(|s| s.1 == 20).unwrap();
+        assert_eq!(last_first.0, Duration::from_millis(33 * 20));
+    }
+
+    #[test]
+    fn a_late_pacer_catches_up_and_reports_only_a_large_debt() {
+        let gap = Duration::from_micros(2560);
+        let frames = vec![52, 6, 6, 6, 6];
+        // Woken 1 ms late every time: no slot is lost, the keyframe still leaves within
+        // 52 gaps plus the lateness, and nothing is reported.
+        let (sends, lates) = pace(&frames, gap, Duration::from_millis(1));
+        assert_eq!(lates, 0);
+        let key_last = sends.iter().filter(|s| s.1 == 0).last().unwrap().0;
+        assert!(
+            key_last <= gap * 52 + Duration::from_millis(52),
+            "{key_last:?}"
+        );
+        // A sender stalled for 80 ms at the start: more than the 50 ms debt, reported once;
+        // then it goes back to back until on schedule.
+        let mut pacer = Pacer::new(Instant::now(), Duration::from_millis(50));
+        let t = pacer.next_send() + Duration::from_millis(80);
+        assert!(pacer.sent(t, gap));
+        assert_eq!(pacer.next_send(), t - Duration::from_millis(50) + gap);
+        assert!(!pacer.sent(t, gap));
+        assert!(
+            pacer.next_send() < t,
+            "still behind: the next packet is due at once"
+        );
     }
 
     #[test]

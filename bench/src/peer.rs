@@ -18,7 +18,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig}
 use crate::accounting::SeqTracker;
 use crate::clock::mono_ns;
 use crate::http::request_async;
-use crate::media::{opus_payload, VideoConfig, VideoSource, AUDIO_PPS, AUDIO_TS_STEP};
+use crate::media::{opus_payload, Pacer, VideoConfig, VideoSource, AUDIO_PPS, AUDIO_TS_STEP};
 use crate::probe::{Probe, StreamId};
 use crate::shard::{Shard, ShardEvent};
 use crate::udp::{self, Readiness};
@@ -170,8 +170,8 @@ struct VideoLayer {
     keyframe_requested: bool,
     /// Packets of the frames made so far not yet written: (payload, RTP time, marker).
     pending: std::collections::VecDeque<(Vec<u8>, u32, bool)>,
-    /// When the pacer lets the next pending packet go.
-    next_packet: Instant,
+    /// Spaces the pending packets out.
+    pacer: Pacer,
     probe_seq: u32,
     rtp_seq: u64,
 }
@@ -387,7 +387,7 @@ fn video_layers(shard: &Shard, spec: &PeerSpec, first: Instant) -> Vec<VideoLaye
         next: first,
         keyframe_requested: false,
         pending: Default::default(),
-        next_packet: first,
+        pacer: Pacer::new(first, PACER_MAX_DEBT),
         probe_seq: 0,
         rtp_seq: 1000 + u64::from(spec.id) * 7 + n * 20_000,
     };
@@ -497,7 +497,7 @@ impl Peer {
                 wake = wake.min(if l.pending.is_empty() {
                     l.next
                 } else {
-                    l.next.min(l.next_packet.max(now))
+                    l.next.min(l.pacer.next_send().max(now))
                 });
             }
         }
@@ -682,6 +682,9 @@ impl Peer {
                         .source
                         .next_frame(std::mem::take(&mut l.keyframe_requested));
                     let count = frame.payloads.len();
+                    if l.pending.is_empty() {
+                        l.pacer.queue_started(now);
+                    }
                     l.pending.extend(
                         frame
                             .payloads
@@ -702,22 +705,16 @@ impl Peer {
             // sends it (not a whole keyframe burst earlier).
             let simulcast = self.layers.len() > 1;
             for (index, l) in self.layers.iter_mut().enumerate() {
-                if now < l.next_packet {
+                if now < l.pacer.next_send() {
                     continue;
                 }
                 let Some((mut payload, rtp_time, marker)) = l.pending.pop_front() else {
                     continue;
                 };
-                // The pacer's clock. A late wakeup catches up (packets go back to back until
-                // the schedule is met), so the publisher keeps its bitrate; a pacer more than
-                // PACER_MAX_DEBT behind means this loadgen core is overloaded: counted, and
-                // the debt beyond that forgiven.
-                let mut base = l.next_packet;
-                if base + PACER_MAX_DEBT < now {
+                if l.pacer.sent(now, l.source.pacing_gap(payload.len())) {
+                    // More than PACER_MAX_DEBT behind: this loadgen core is overloaded.
                     shard.stats.borrow_mut().late_frames += 1;
-                    base = now - PACER_MAX_DEBT;
                 }
-                l.next_packet = base + l.source.pacing_gap(payload.len());
                 let sent_ns = mono_ns();
                 Probe {
                     stream: StreamId::new(spec.publisher, true).with_layer(index as u8),
