@@ -109,6 +109,9 @@ pub struct MediaConfig {
     pub ice_timeout_ms: u64,
     /// Minimum ms between keyframe requests (PLI) sent to one publisher track. Default 500.
     pub keyframe_min_interval_ms: u64,
+    /// Subscribers whose forwarded packets a shard hands to the kernel in one submission.
+    /// Smaller puts the first subscribers of a fan-out on the wire sooner. Default 16.
+    pub send_chunk: usize,
 }
 
 impl Default for MediaConfig {
@@ -124,6 +127,7 @@ impl Default for MediaConfig {
             connect_timeout_ms: 15_000,
             ice_timeout_ms: 10_000,
             keyframe_min_interval_ms: 500,
+            send_chunk: 16,
         }
     }
 }
@@ -611,6 +615,7 @@ static KEYS: &[KeySpec] = &[
     key::<u64>("media", "connect_timeout_ms", "remove a peer not connected (ICE+DTLS) within this time"),
     key::<u64>("media", "ice_timeout_ms", "remove a connected peer silent for this long"),
     key::<u64>("media", "keyframe_min_interval_ms", "minimum interval between keyframe requests per publisher track"),
+    key::<usize>("media", "send_chunk", "subscribers whose forwarded packets go to the kernel in one submission (1 to 1024)"),
     key::<usize>("limits", "max_peers", "maximum peers across all shards; beyond it, 503"),
     key::<usize>("limits", "max_body_bytes", "largest accepted HTTP request body (1 KiB to 16 MiB)"),
     key::<u64>("limits", "drain_timeout_ms", "on shutdown, how long peers may stay before being closed"),
@@ -639,6 +644,9 @@ const NON_KEY_ENV: &[&str] = &["SLUICE_CONFIG", "SLUICE_GIT_COMMIT"];
 pub const MIN_BODY_BYTES: usize = 1024;
 /// Largest accepted `limits.max_body_bytes`.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Largest accepted `media.send_chunk`.
+const MAX_SEND_CHUNK: usize = 1024;
+
 /// Smallest accepted `media.ring_capacity`.
 pub const MIN_RING_CAPACITY: usize = 64;
 
@@ -825,6 +833,12 @@ impl Config {
                     "must be a power of two and at least {MIN_RING_CAPACITY}, got {}",
                     media.ring_capacity
                 ),
+            );
+        }
+        if !(1..=MAX_SEND_CHUNK).contains(&media.send_chunk) {
+            err(
+                "media.send_chunk",
+                format!("must be 1 to {MAX_SEND_CHUNK}, got {}", media.send_chunk),
             );
         }
         for (key, ms) in [
@@ -1313,6 +1327,7 @@ mod tests {
         assert_eq!(defaults.media.io, IoBackend::Uring);
         assert!(defaults.media.pin_cores);
         assert_eq!(defaults.media.ring_capacity, 4096);
+        assert_eq!(defaults.media.send_chunk, 16);
         assert_eq!(defaults.limits.max_body_bytes, 65536);
         assert_eq!(defaults.log.level, "info");
         assert!(defaults.effective_shards() >= 1);
@@ -1479,6 +1494,8 @@ mod tests {
             }),
             ("media.ring_capacity", |c| c.media.ring_capacity = 1000),
             ("media.ring_capacity", |c| c.media.ring_capacity = 32),
+            ("media.send_chunk", |c| c.media.send_chunk = 0),
+            ("media.send_chunk", |c| c.media.send_chunk = 5000),
             ("media.connect_timeout_ms", |c| {
                 c.media.connect_timeout_ms = 0
             }),

@@ -122,6 +122,7 @@ fn start_with(
             connect_timeout: Duration::from_millis(config.media.connect_timeout_ms),
             ice_timeout: Duration::from_millis(config.media.ice_timeout_ms),
             keyframe_min_interval: Duration::from_millis(config.media.keyframe_min_interval_ms),
+            send_chunk: config.media.send_chunk,
         };
         let handle = shard::spawn(ShardSetup {
             id,

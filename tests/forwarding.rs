@@ -74,7 +74,10 @@ fn check_continuous(name: &str, got: &[Received]) -> (usize, usize) {
 }
 
 fn fanout_to_six(io: IoBackend) {
-    let server = start(config(2, io));
+    let mut cfg = config(2, io);
+    // Sends go to the kernel two subscribers at a time: each shard's viewers span chunks.
+    cfg.media.send_chunk = 2;
+    let server = start(cfg);
     let publisher = Client::publish(&server, "fan").expect("WHIP accepted");
     assert!(publisher.wait_connected(CONNECT), "publisher connects");
     let viewers = viewers_on_two_shards(&server, "fan", 6);

@@ -31,7 +31,10 @@ fn scrape(server: &sluice::serve::Server) -> String {
 
 #[test]
 fn shard_counters_match_client_counts() {
-    let server = start(config(2, IoBackend::Uring));
+    let mut cfg = config(2, IoBackend::Uring);
+    // One subscriber per kernel submission: each latency is observed at its own chunk's send.
+    cfg.media.send_chunk = 1;
+    let server = start(cfg);
     let before = scrape(&server);
     let publisher = Client::publish(&server, "m").unwrap();
     assert!(publisher.wait_connected(Duration::from_secs(10)));

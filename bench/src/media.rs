@@ -307,7 +307,7 @@ mod tests {
         // 52 gaps plus the lateness, and nothing is reported.
         let (sends, lates) = pace(&frames, gap, Duration::from_millis(1));
         assert_eq!(lates, 0);
-        let key_last = sends.iter().filter(|s| s.1 == 0).last().unwrap().0;
+        let key_last = sends.iter().rfind(|s| s.1 == 0).unwrap().0;
         assert!(
             key_last <= gap * 52 + Duration::from_millis(52),
             "{key_last:?}"

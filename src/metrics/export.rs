@@ -326,7 +326,7 @@ fn shard_families(shards: &[&ShardStats]) -> Vec<MetricFamily> {
         .collect();
     out.push(family(
         "sluice_forward_latency_seconds",
-        "Per packet, from reading the publisher's datagram to submitting the subscriber's send; quantiles over the last 10 s window (hdrhistogram per shard).",
+        "Per forwarded packet and subscriber, from reading the publisher's datagram to submitting that subscriber's send; quantiles over the last 10 s window (hdrhistogram per shard).",
         MetricType::SUMMARY,
         metrics,
     ));

@@ -156,6 +156,8 @@ pub struct ShardConfig {
     pub connect_timeout: Duration,
     pub ice_timeout: Duration,
     pub keyframe_min_interval: Duration,
+    /// Subscribers whose sends are handed to the kernel together (`media.send_chunk`).
+    pub send_chunk: usize,
 }
 
 /// The control thread's handle on a running shard.
@@ -355,10 +357,13 @@ struct ShardState {
     /// end of it.
     keyframe_needs: Vec<(TrackId, u8)>,
     scratch_subs: Vec<(usize, usize)>,
-    /// Arrival time of each packet forwarded this turn, for the latency histogram at flush.
+    /// Arrival time of each packet handed to the backend since the last flush, for the
+    /// latency histogram.
     forwarded_arrivals: Vec<Instant>,
-    /// Subscribers given packets this turn (each once; `Peer::written` marks them).
+    /// Subscribers given packets this turn (each once; `Peer::written` marks them), and how
+    /// many of them have sent.
     written: Vec<usize>,
+    written_sent: usize,
     next_latency_rotate: Instant,
     next_sweep: Instant,
     next_publish: Instant,
@@ -394,6 +399,7 @@ impl Shard {
             scratch_subs: Vec::with_capacity(64),
             forwarded_arrivals: Vec::with_capacity(4096),
             written: Vec::with_capacity(256),
+            written_sent: 0,
             next_latency_rotate: now + Duration::from_secs(1),
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
@@ -454,8 +460,14 @@ impl Shard {
             self.st.handle_timers(now);
             self.st.route_keyframe_needs(now);
 
-            // Subscribers that were given packets this turn send them.
-            self.st.send_written(Instant::now());
+            // Subscribers that were given packets this turn send them, a chunk at a time: the
+            // first ones are on the wire while the rest are still being encrypted.
+            while self
+                .st
+                .send_written(Instant::now(), self.cfg.send_chunk.max(1))
+            {
+                self.flush_io();
+            }
 
             // Everything produced this turn goes out now, in one batch per destination.
             let dropped = self.st.mesh.flush();
@@ -929,7 +941,7 @@ impl ShardState {
         match result {
             peer::Forwarded::Sent => {
                 self.counters.inc(Counter::RtpForwarded);
-                self.forwarded_arrivals.push(packet.arrival);
+                peer.written_arrivals.push(packet.arrival);
                 if !peer.written {
                     peer.written = true;
                     self.written.push(key);
@@ -959,13 +971,15 @@ impl ShardState {
         }
     }
 
-    /// Send what this turn's forwarding wrote into each subscriber's `Rtc`. str0m's pacer only
-    /// sees newly queued packets on a timeout, so one `handle_timeout` per subscriber per turn,
-    /// then one drain, sends everything it was given (a keyframe burst from a whole receive
-    /// batch), instead of a timer pop, a timeout and a drain per packet.
-    fn send_written(&mut self, now: Instant) {
-        let mut written = std::mem::take(&mut self.written);
-        for key in written.drain(..) {
+    /// Send what this turn's forwarding wrote into each subscriber's `Rtc`, for at most `max`
+    /// more subscribers; true while some are left. str0m's pacer only sees newly queued
+    /// packets on a timeout, so one `handle_timeout` per subscriber per turn, then one drain,
+    /// sends everything it was given (a keyframe burst from a whole receive batch), instead of
+    /// a timer pop, a timeout and a drain per packet.
+    fn send_written(&mut self, now: Instant, max: usize) -> bool {
+        let written = std::mem::take(&mut self.written);
+        let end = written.len().min(self.written_sent + max);
+        for &key in &written[self.written_sent..end] {
             let Some(peer) = self.peers.get_mut(key) else {
                 continue;
             };
@@ -973,12 +987,20 @@ impl ShardState {
                 continue; // closed, and the key reused this turn
             }
             peer.written = false;
+            self.forwarded_arrivals.append(&mut peer.written_arrivals);
             if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(shard = self.id, error = %e, "timeout input failed");
             }
             self.drain(key, now);
         }
         self.written = written;
+        self.written_sent = end;
+        if end < self.written.len() {
+            return true;
+        }
+        self.written.clear();
+        self.written_sent = 0;
+        false
     }
 
     fn handle_mesh(&mut self, now: Instant) {

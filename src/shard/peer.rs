@@ -37,6 +37,8 @@ pub struct Peer {
     pub deadline: Option<Instant>,
     /// Given packets this turn that str0m has not sent yet (see `ShardState::send_written`).
     pub written: bool,
+    /// Arrival time of each packet written this turn, until it is sent.
+    pub written_arrivals: Vec<Instant>,
     /// 5-tuples (socket, remote) this peer is reached on.
     pub sources: Vec<(usize, SocketAddr)>,
     /// Cumulative NACK counts str0m last reported, per mid.
@@ -133,6 +135,7 @@ impl Peer {
             last_recv: now,
             deadline: None,
             written: false,
+            written_arrivals: Vec::new(),
             sources: Vec::with_capacity(2),
             nacks: Vec::new(),
             bwe: None,
