@@ -24,6 +24,7 @@ AUDIO_SUBS=${AUDIO_SUBS:-25}
 RAMP_RATE=${RAMP_RATE:-10}
 RAMP_SECONDS=${RAMP_SECONDS:-90}
 RAMP_MAX_P99_MS=${RAMP_MAX_P99_MS:-50}
+MULTI_PUBS=${MULTI_PUBS:-8}
 MEETING=${MEETING:-0}
 MEETING_PARTICIPANTS=${MEETING_PARTICIPANTS:-6}
 HTTP_PORT=${HTTP_PORT:-18480}
@@ -271,6 +272,19 @@ if [ -f "$OUT/ramp-uring.json" ]; then
     if [ "$HALF" -ge 1 ]; then
         run_case fanout-half-uring uring "half of the ramp's capacity ($CAP)" \
             fanout --publishers 1 --subscribers "$HALF" --duration "$DURATION"
+    fi
+fi
+# The same ramp and half-capacity run with the subscribers spread over MULTI_PUBS publishers.
+# On one SFU core a 1 x N fan-out at half capacity spends half of each inter-packet interval
+# fanning out one packet (about 3 ms at 1.5 Mbit/s), so its last subscribers wait that long
+# whatever the per-packet cost; with P publishers each packet's fan-out is P times shorter.
+run_case ramp-multi-uring uring "$MULTI_PUBS publishers" ramp --publishers "$MULTI_PUBS" --rate "$RAMP_RATE" --max-p99 "$RAMP_MAX_P99_MS" --duration "$RAMP_SECONDS"
+if [ -f "$OUT/ramp-multi-uring.json" ]; then
+    CAP=$(json_get "$OUT/ramp-multi-uring.json" "(s.get('capacity') or {}).get('subscribers', 0)")
+    HALF=$(( CAP / 2 / MULTI_PUBS ))
+    if [ "$HALF" -ge 1 ]; then
+        run_case fanout-half-multi-uring uring "half of the $MULTI_PUBS-publisher ramp's capacity ($CAP)" \
+            fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION"
     fi
 fi
 # Optional (MEETING=1, or named in CASES): N participants in one /ws room, everyone to everyone.
