@@ -276,7 +276,7 @@ if [ -f "$OUT/ramp-uring.json" ]; then
 fi
 # The same ramp and half-capacity run with the subscribers spread over MULTI_PUBS publishers.
 # On one SFU core a 1 x N fan-out at half capacity spends half of each inter-packet interval
-# fanning out one packet (about 3 ms at 1.5 Mbit/s), so its last subscribers wait that long
+# fanning out one packet (about 2.3 ms for the default publisher), so its last subscribers wait that long
 # whatever the per-packet cost; with P publishers each packet's fan-out is P times shorter.
 run_case ramp-multi-uring uring "$MULTI_PUBS publishers" ramp --publishers "$MULTI_PUBS" --rate "$RAMP_RATE" --max-p99 "$RAMP_MAX_P99_MS" --duration "$RAMP_SECONDS"
 if [ -f "$OUT/ramp-multi-uring.json" ]; then
