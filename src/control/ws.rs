@@ -109,7 +109,7 @@ pub async fn ws(
     upgrade
         .max_message_size(read_max)
         .max_frame_size(read_max)
-        .on_upgrade(move |socket| run(c, socket, claims, host))
+        .on_upgrade(move |socket| run(c, socket, claims, host, max))
 }
 
 async fn send_text(socket: &mut WebSocket, message: &ServerMessage) -> bool {
@@ -289,19 +289,14 @@ fn count_message(c: &SharedControl, kind: &str, result: &str) {
         .inc();
 }
 
+/// One participant's socket; `max` is `rooms.max_message_bytes`, read once at the upgrade.
 async fn run(
     c: SharedControl,
     mut socket: WebSocket,
     claims: Option<Claims>,
     host: Option<String>,
+    max: usize,
 ) {
-    let max = c
-        .rooms
-        .lock()
-        .expect("rooms")
-        .rooms
-        .config()
-        .max_message_bytes;
     let Some(join) = await_join(&c, &mut socket, max).await else {
         return;
     };
