@@ -247,15 +247,22 @@ impl Side {
         }
     }
 
-    /// Feed what arrived, then drain. Returns events.
+    /// Feed what arrived, draining after each input (str0m holds one received RTP packet for
+    /// `poll_output` at a time: a second input before the poll replaces it). Returns events.
     fn pump(&mut self, buf: &mut [u8]) -> Vec<Event> {
         let mut events = Vec::new();
         while let Ok((n, src)) = self.socket.recv_from(buf) {
             if let Ok(r) = Receive::new(Protocol::Udp, src, self.local, &buf[..n]) {
                 let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
+                self.drain(&mut events);
             }
         }
         let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        self.drain(&mut events);
+        events
+    }
+
+    fn drain(&mut self, events: &mut Vec<Event>) {
         loop {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(_)) | Err(_) => break,
@@ -265,7 +272,6 @@ impl Side {
                 Ok(Output::Event(e)) => events.push(e),
             }
         }
-        events
     }
 }
 
@@ -299,6 +305,9 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
         match ws.read() {
             Ok(Message::Text(t)) => {
                 let m: Value = serde_json::from_str(&t).unwrap();
+                // Recorded first, so a test that sees state derived from a message (`me`,
+                // `tracks`) also finds the message itself.
+                st.messages.lock().unwrap().push(m.clone());
                 match m["type"].as_str().unwrap_or_default() {
                     "joined" => {
                         *st.me.lock().unwrap() = m["participant"]["id"].as_str().map(Into::into);
@@ -383,7 +392,6 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
                     }
                     _ => {}
                 }
-                st.messages.lock().unwrap().push(m);
             }
             Ok(Message::Close(frame)) => {
                 let c = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
