@@ -313,6 +313,43 @@ const VIDEO_EVERY: Duration = Duration::from_millis(5);
 const AUDIO_EVERY: Duration = Duration::from_millis(20);
 const KEYFRAME_EVERY: Duration = Duration::from_secs(1);
 
+/// Hand everything `rtc` has to send to the socket and record its events; the next deadline,
+/// or `None` once the connection is dead.
+fn drain(rtc: &mut Rtc, socket: &UdpSocket, st: &ClientState, video_mid: Mid) -> Option<Instant> {
+    loop {
+        match rtc.poll_output() {
+            Ok(Output::Timeout(t)) => return Some(t),
+            Ok(Output::Transmit(t)) => {
+                let _ = socket.send_to(&t.contents, t.destination);
+            }
+            Ok(Output::Event(e)) => match e {
+                Event::Connected => st.connected.store(true, Ordering::Relaxed),
+                Event::KeyframeRequest(_) => {
+                    st.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                    st.force_keyframe.store(true, Ordering::Relaxed);
+                }
+                Event::RtpPacket(p) => {
+                    let video = rtc
+                        .direct_api()
+                        .stream_rx(&p.header.ssrc)
+                        .map(|s| s.mid() == video_mid)
+                        .unwrap_or(false);
+                    st.received.lock().unwrap().push(Received {
+                        video,
+                        seq: *p.seq_no,
+                        timestamp: p.header.timestamp,
+                        ssrc: *p.header.ssrc,
+                        payload: p.payload.to_vec(),
+                        at: Instant::now(),
+                    });
+                }
+                _ => {}
+            },
+            Err(_) => return None,
+        }
+    }
+}
+
 fn run_client(
     mut rtc: Rtc,
     mut socket: UdpSocket,
@@ -350,41 +387,14 @@ fn run_client(
             api.set_local_ice_credentials(mine);
             api.set_remote_ice_credentials(theirs);
         }
-        // Drain.
-        let timeout = loop {
-            match rtc.poll_output() {
-                Ok(Output::Timeout(t)) => break t,
-                Ok(Output::Transmit(t)) => {
-                    let _ = socket.send_to(&t.contents, t.destination);
-                }
-                Ok(Output::Event(e)) => match e {
-                    Event::Connected => st.connected.store(true, Ordering::Relaxed),
-                    Event::KeyframeRequest(_) => {
-                        st.keyframe_requests.fetch_add(1, Ordering::Relaxed);
-                        st.force_keyframe.store(true, Ordering::Relaxed);
-                    }
-                    Event::RtpPacket(p) => {
-                        let video = rtc
-                            .direct_api()
-                            .stream_rx(&p.header.ssrc)
-                            .map(|s| s.mid() == video_mid)
-                            .unwrap_or(false);
-                        st.received.lock().unwrap().push(Received {
-                            video,
-                            seq: *p.seq_no,
-                            timestamp: p.header.timestamp,
-                            ssrc: *p.header.ssrc,
-                            payload: p.payload.to_vec(),
-                            at: Instant::now(),
-                        });
-                    }
-                    _ => {}
-                },
-                Err(_) => return,
-            }
+        let Some(mut timeout) = drain(&mut rtc, &socket, &st, video_mid) else {
+            return;
         };
         let now = Instant::now();
-        // Publish.
+        // Publish whatever is due. Both kinds are checked on every turn, and the socket is read
+        // on every turn: a turn slower than the video interval (a debug build on a busy CI
+        // machine) must not starve the audio or the ICE and DTLS input.
+        let mut wrote = false;
         if publish && st.connected.load(Ordering::Relaxed) && !st.paused.load(Ordering::Relaxed) {
             if now >= next_video {
                 next_video = now + VIDEO_EVERY;
@@ -405,8 +415,8 @@ fn run_client(
                     vseq += 1;
                     vcount += 1;
                     st.sent_video.fetch_add(1, Ordering::Relaxed);
+                    wrote = true;
                 }
-                continue;
             }
             if now >= next_audio {
                 next_audio = now + AUDIO_EVERY;
@@ -424,8 +434,15 @@ fn run_client(
                     aseq += 1;
                     acount += 1;
                     st.sent_audio.fetch_add(1, Ordering::Relaxed);
+                    wrote = true;
                 }
-                continue;
+            }
+        }
+        if wrote {
+            // Send what was just written before waiting.
+            match drain(&mut rtc, &socket, &st, video_mid) {
+                Some(t) => timeout = t,
+                None => return,
             }
         }
         // Wait for input or the next deadline.
