@@ -255,12 +255,44 @@ print("| " + " | ".join(cells) + " |")
 EOF2
 }
 
+# The kernel's own cost of the fan-out's egress on this machine, with no SFU (see
+# bench/src/floor.rs): one row, whose egress per CPU-second is the ceiling for any SFU that sends
+# each packet with its own sendmsg. Its note gives sluice's fanout-uring figure from the same run
+# as a share of it.
+run_floor() {
+    if [ -n "${CASES:-}" ] && [[ " $CASES " != *" floor "* ]]; then
+        return 0
+    fi
+    local json=$OUT/floor.json send_cpu=${SFU_CPUS%%[,-]*} recv_cpu=${LG_CPUS%%[,-]*}
+    local cmd="sluice-loadgen floor --subscribers $FANOUT_SUBS --duration $DURATION --batch 16 --send-cpu $send_cpu --recv-cpu $recv_cpu"
+    echo "== floor: the kernel's cost of a 1 x $FANOUT_SUBS fan-out's egress, no SFU"
+    taskset -c "$SFU_CPUS,$LG_CPUS" "$LOADGEN" floor --subscribers "$FANOUT_SUBS" --duration "$DURATION" \
+        --batch 16 --send-cpu "$send_cpu" --recv-cpu "$recv_cpu" --json "$json" || return 0
+    python3 - "$json" "$OUT/fanout-uring.json" "$DATE" "$COMMIT" "$MACHINE" "$cmd" >>"$RESULTS" <<'EOF2'
+import json, sys
+path, fanout, date, commit, machine, cmd = sys.argv[1:7]
+s = json.load(open(path))
+note = (f"no SFU: the kernel floor. One thread sends each of {s['egress_pps']:.0f} packets/s of "
+        f"{s['size_bytes']} B to one of {s['subscribers']} loopback sockets (sendmmsg, 16 per call) and does "
+        f"nothing else: {s['ns_per_packet']:.0f} ns of CPU per packet, {s['sender_user_seconds'] / max(s['sender_cpu_seconds'], 1e-9) * 100:.0f} % of it in user space")
+try:
+    u = json.load(open(fanout))["egress_pps_per_sfu_core"]
+    note += f"; sluice's fanout-uring in this run is {u / s['egress_pps_per_cpu_second'] * 100:.0f} % of this floor"
+except (OSError, KeyError, TypeError, ZeroDivisionError):
+    pass
+cells = [date, commit, machine, f"`{cmd}`", "-", f"{s['egress_pps_per_cpu_second']:.0f}", f"{s['egress_pps']:.0f}",
+         f"{s['delivered_ratio'] * 100:.3f} %", "", "", "", "", note]
+print("| " + " | ".join(cells) + " |")
+EOF2
+}
+
 ensure_results
 echo "== machine: $MACHINE; sluice on CPU(s) $SFU_CPUS ($SFU_SHARDS shard(s)), loadgen on $LG_CPUS ($LG_CORES core(s)); out: $OUT"
 run_hiccup
 
 run_case fanout-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
 run_case fanout-mmsg mmsg "@ratio:$OUT/fanout-uring.json" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION"
+run_floor
 # The same fan-out with every frame sent in one burst (no pacer): the worst case for latency.
 run_case fanout-burst-uring uring "publisher unpaced (--pacing-factor 0)" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION" --pacing-factor 0
 run_case fanout-simulcast-uring uring "" fanout --publishers 1 --subscribers "$FANOUT_SUBS" --duration "$DURATION" --simulcast

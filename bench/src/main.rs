@@ -8,6 +8,7 @@
 mod accounting;
 mod clock;
 mod collect;
+mod floor;
 mod hiccup;
 mod http;
 mod media;
@@ -102,6 +103,38 @@ enum ScenarioCmd {
         /// Seconds to spin.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Write the summary as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// No SFU: the kernel's own cost of a 1 x N fan-out's egress. One thread sends each packet
+    /// to N loopback sockets with sendmmsg and does nothing else; its CPU per datagram is the
+    /// ceiling for any SFU that sends packets one sendmsg each. Run it with `--send-cpu` on the
+    /// SFU's CPU and `--recv-cpu` on the load generator's.
+    Floor {
+        /// Receiving sockets (subscribers).
+        #[arg(long, default_value_t = 150)]
+        subscribers: usize,
+        /// Publisher packets per second, each sent to every subscriber [default: the default
+        /// publisher's video, 1.5 Mbit/s in about 221 packets/s].
+        #[arg(long, default_value_t = 221.0)]
+        rate: f64,
+        /// Datagram bytes [default: that video's mean payload, about 850 B, plus the RTP
+        /// header, extensions and the AES-GCM tag].
+        #[arg(long, default_value_t = 900)]
+        size: usize,
+        /// Destinations per sendmmsg (sluice's media.send_chunk).
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Seconds to send.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Pin the sending thread to this CPU.
+        #[arg(long)]
+        send_cpu: Option<usize>,
+        /// Pin the receiving thread to this CPU.
+        #[arg(long)]
+        recv_cpu: Option<usize>,
         /// Write the summary as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -228,6 +261,40 @@ fn main() {
                 std::process::exit(1);
             }
             let summary = hiccup::measure(Duration::from_secs_f64(duration));
+            print!("{}", summary.table());
+            if let Some(Err(e)) = json.map(|p| summary.write_json(&p)) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        ScenarioCmd::Floor {
+            subscribers,
+            rate,
+            size,
+            batch,
+            duration,
+            send_cpu,
+            recv_cpu,
+            json,
+        } => {
+            if !(duration > 0.0 && duration.is_finite()) {
+                eprintln!("error: --duration must be positive");
+                std::process::exit(1);
+            }
+            let cfg = floor::FloorConfig {
+                subscribers,
+                rate,
+                size,
+                batch,
+                duration: Duration::from_secs_f64(duration),
+                send_cpu,
+                recv_cpu,
+            };
+            let summary = floor::run(&cfg).unwrap_or_else(|e| {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            });
             print!("{}", summary.table());
             if let Some(Err(e)) = json.map(|p| summary.write_json(&p)) {
                 eprintln!("error: {e}");
