@@ -305,7 +305,12 @@ fn receive(sockets: &[UdpSocket], stop: &std::sync::atomic::AtomicBool) -> Resul
             u64: i as u64,
         };
         // SAFETY: as above.
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: `ep` is ours and closed once.
+            unsafe { libc::close(ep) };
+            return Err(format!("epoll_ctl: {e}"));
+        }
     }
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
     let mut buf = vec![0u8; 65_536];
