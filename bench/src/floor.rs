@@ -15,7 +15,6 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -73,11 +72,6 @@ impl FloorSummary {
             self.egress_pps_per_cpu_second,
             self.ns_per_packet,
         )
-    }
-
-    pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 

@@ -6,7 +6,6 @@
 //! the gap it lands in, so the gaps give the latency percentiles any process on that CPU would
 //! add: the floor under sluice's own figures. `perf/capacity.sh` runs it on the SFU's CPUs.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -176,11 +175,6 @@ impl HiccupSummary {
             w.p99,
             w.p999
         )
-    }
-
-    pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 

@@ -251,22 +251,31 @@ impl Common {
     }
 }
 
+/// A no-SFU measurement's `--duration`, or exit with a clear message.
+fn window_or_exit(seconds: f64) -> Duration {
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        eprintln!("error: --duration must be positive");
+        std::process::exit(1);
+    }
+    Duration::from_secs_f64(seconds)
+}
+
+/// Print a no-SFU measurement's table and write its JSON if asked (exiting on failure).
+fn finish(table: &str, summary: &impl serde::Serialize, json: Option<PathBuf>) {
+    print!("{table}");
+    if let Some(Err(e)) = json.map(|p| report::write_json(summary, &p)) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let mut room = None;
     let (name, scenario, common, video) = match cli.scenario {
         ScenarioCmd::Hiccup { duration, json } => {
-            if !(duration > 0.0 && duration.is_finite()) {
-                eprintln!("error: --duration must be positive");
-                std::process::exit(1);
-            }
-            let summary = hiccup::measure(Duration::from_secs_f64(duration));
-            print!("{}", summary.table());
-            if let Some(Err(e)) = json.map(|p| summary.write_json(&p)) {
-                eprintln!("error: {e}");
-                std::process::exit(1);
-            }
-            return;
+            let summary = hiccup::measure(window_or_exit(duration));
+            return finish(&summary.table(), &summary, json);
         }
         ScenarioCmd::Floor {
             subscribers,
@@ -278,16 +287,12 @@ fn main() {
             recv_cpu,
             json,
         } => {
-            if !(duration > 0.0 && duration.is_finite()) {
-                eprintln!("error: --duration must be positive");
-                std::process::exit(1);
-            }
             let cfg = floor::FloorConfig {
                 subscribers,
                 rate,
                 size,
                 batch,
-                duration: Duration::from_secs_f64(duration),
+                duration: window_or_exit(duration),
                 send_cpu,
                 recv_cpu,
             };
@@ -295,12 +300,7 @@ fn main() {
                 eprintln!("error: {e}");
                 std::process::exit(1);
             });
-            print!("{}", summary.table());
-            if let Some(Err(e)) = json.map(|p| summary.write_json(&p)) {
-                eprintln!("error: {e}");
-                std::process::exit(1);
-            }
-            return;
+            return finish(&summary.table(), &summary, json);
         }
         ScenarioCmd::Fanout {
             publishers,

@@ -143,10 +143,15 @@ pub struct MeetingSpread {
     pub receiving_everyone: u64,
 }
 
+/// Write any summary as pretty JSON to `path`.
+pub fn write_json(value: &impl Serialize, path: &Path) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
 impl Summary {
     pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+        write_json(self, path)
     }
 
     /// The human-readable result.
