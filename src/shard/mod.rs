@@ -977,9 +977,11 @@ impl ShardState {
     /// sends everything it was given (a keyframe burst from a whole receive batch), instead of
     /// a timer pop, a timeout and a drain per packet.
     fn send_written(&mut self, now: Instant, max: usize) -> bool {
-        let written = std::mem::take(&mut self.written);
-        let end = written.len().min(self.written_sent + max);
-        for &key in &written[self.written_sent..end] {
+        // By index, not over a taken list: a subscriber that a drain below gives packets is
+        // appended and served in a later chunk instead of being lost with its `written` mark set.
+        let end = self.written.len().min(self.written_sent + max);
+        for i in self.written_sent..end {
+            let key = self.written[i];
             let Some(peer) = self.peers.get_mut(key) else {
                 continue;
             };
@@ -993,7 +995,6 @@ impl ShardState {
             }
             self.drain(key, now);
         }
-        self.written = written;
         self.written_sent = end;
         if end < self.written.len() {
             return true;
