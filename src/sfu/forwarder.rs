@@ -108,10 +108,11 @@ pub enum DropReason {
 /// 5. `now` never goes backwards from one call to the next, and a packet's `arrival` is not
 ///    after `now`. A violation gives odd timestamps, never a panic.
 /// 6. Simulcast: feed only the packets a [`LayerSelector`](super::LayerSelector) lets through.
-///    On `Forward` call `decide`; on `SwitchAndForward` call [`switch_layer`](Self::switch_layer)
-///    instead; on `Drop` call nothing. Pause and resume through the selector, not here, and take
-///    keyframe needs from the selector, plus `needs_keyframe` for the current layer (a new
-///    publisher's SSRC on it is still a source switch found by `decide`).
+///    On `Forward` call [`decide_layer`](Self::decide_layer); on `SwitchAndForward` call
+///    [`switch_layer`](Self::switch_layer); on `Drop` call nothing. Pause and resume through the
+///    selector, not here, and take keyframe needs from the selector, plus `needs_keyframe` for
+///    the current layer (a new publisher's SSRC on it is still a source switch, found by
+///    `decide_layer`).
 ///
 /// Feeding only one source at a time is not required: a new SSRC starts a switch, but for video
 /// the current source keeps being forwarded until the new one delivers a keyframe, and once
@@ -262,6 +263,20 @@ impl Forwarder {
                 }
             }
         }
+    }
+
+    /// A packet of the layer a [`LayerSelector`](super::LayerSelector) forwards
+    /// ([`Forward`](super::LayerDecision::Forward)): as [`decide`](Self::decide), except that
+    /// a source replaced earlier is not refused. The selector is the authority on which layer
+    /// flows, so a source other than the current one here (a new publisher on the layer, or a
+    /// layer the selector's view and ours disagree on) is a switch: it waits for a keyframe
+    /// (`needs_keyframe` says so) and is taken on it, never blocked for good.
+    #[must_use]
+    pub fn decide_layer(&mut self, p: &SourcePacket, now: Instant) -> Decision {
+        if self.current.is_none_or(|s| s.ssrc != p.ssrc) {
+            self.forget_retired(p.ssrc);
+        }
+        self.decide(p, now)
     }
 
     /// Whether a keyframe is needed from the publisher: video only, from the start until a
@@ -1236,6 +1251,33 @@ mod tests {
             ..key
         };
         assert_eq!(dropped(f.decide(&old, t)), DropReason::TooOld);
+    }
+
+    #[test]
+    fn a_selected_layer_is_never_refused_as_replaced() {
+        let mut t = Instant::now();
+        let mut f = Forwarder::new(VIDEO, 25);
+        let mut a = Publisher::new(0x40, 100, 0, 3000);
+        let mut b = Publisher::new(0x41, 7_000, 0, 3000);
+        let mut out = forwarded(f.switch_layer(&a.next(true, t), t));
+        out = run(&mut f, &mut a, &mut t, ms(33), 3, out);
+        t += ms(33);
+        out = (out.0 + 1, forwarded(f.switch_layer(&b.next(true, t), t)).1);
+        out = run(&mut f, &mut b, &mut t, ms(33), 3, out);
+        // The selector now says a is the layer it forwards, while a keeps sending.
+        t += ms(33);
+        let delta = a.next(false, t);
+        assert_eq!(dropped(f.clone().decide(&delta, t)), DropReason::TooOld);
+        assert_eq!(
+            dropped(f.decide_layer(&delta, t)),
+            DropReason::WaitingForKeyframe
+        );
+        assert!(f.needs_keyframe());
+        t += ms(33);
+        let (seq, _) = forwarded(f.decide_layer(&a.next(true, t), t));
+        assert_eq!(seq, out.0 + 1);
+        assert_eq!(f.source_ssrc(), Some(0x40));
+        assert!(!f.needs_keyframe());
     }
 
     #[test]

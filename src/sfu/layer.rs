@@ -43,6 +43,9 @@ pub struct LayerTable {
     pub count: u8,
     /// Bit `i`: layer `i` is live (received packets lately and is not paused).
     pub live: u8,
+    /// The publisher's own, stable name for the layer at each index (its position in the offer).
+    /// Ranks can change (sizes and bitrates become known); these say which layer moved where.
+    pub ids: [u8; MAX_LAYERS],
 }
 
 impl LayerTable {
@@ -55,6 +58,7 @@ impl LayerTable {
         let mut t = LayerTable {
             count: count as u8,
             live: ((1u16 << count) - 1) as u8,
+            ids: std::array::from_fn(|i| i as u8),
             ..Default::default()
         };
         for i in 0..count {
@@ -70,6 +74,20 @@ impl LayerTable {
 
     pub fn is_live(&self, index: usize) -> bool {
         index < MAX_LAYERS && self.live & (1 << index) != 0
+    }
+
+    /// Where each of `old`'s layers is in this table (by id); `None` for one that is gone.
+    /// `None` overall when no layer moved.
+    pub fn moved_from(&self, old: &LayerTable) -> Option<[Option<usize>; MAX_LAYERS]> {
+        let (n_old, n_new) = (usize::from(old.count), usize::from(self.count));
+        let ids = &self.ids[..n_new.min(MAX_LAYERS)];
+        let mut moved = [None; MAX_LAYERS];
+        let mut any = false;
+        for (i, slot) in moved.iter_mut().enumerate().take(n_old.min(MAX_LAYERS)) {
+            *slot = ids.iter().position(|&id| id == old.ids[i]);
+            any |= *slot != Some(i);
+        }
+        any.then_some(moved)
     }
 
     /// Give a selector this table: the layers, then each one's liveness.
@@ -224,7 +242,8 @@ struct Layer {
 ///
 /// 1. Create one per (subscriber, simulcast video track) with [`new`](Self::new); give it the
 ///    layers with [`set_layers`](Self::set_layers) (again whenever they change, e.g. when a
-///    layer's size becomes known), the subscriber's cap with [`set_max`](Self::set_max), and
+///    layer's size becomes known; when the same layers are ranked in a new order, call
+///    [`reorder`](Self::reorder) first), the subscriber's cap with [`set_max`](Self::set_max), and
 ///    mark the layers the track already receives with [`layer_live`](Self::layer_live). Layers
 ///    start not live; a packet on a layer, or `layer_live(_, true)`, makes it live; only
 ///    `layer_live(_, false)` makes it dead.
@@ -319,6 +338,26 @@ impl LayerSelector {
             self.target = None;
         }
         self.evaluate(now, SwitchReason::Cap);
+    }
+
+    /// The publisher's layers were ranked anew: the layer at index `i` is now at `moved[i]`
+    /// (`None`: gone). What is known of each layer, and which layers are current and target,
+    /// move with them, so a new ranking alone never changes the layer forwarded. Give the new
+    /// infos with [`set_layers`](Self::set_layers) right after.
+    pub fn reorder(&mut self, moved: &[Option<usize>; MAX_LAYERS]) {
+        let to = |i: usize| moved[i].filter(|&j| j < MAX_LAYERS);
+        let layers = std::mem::replace(&mut self.layers, [Layer::default(); MAX_LAYERS]);
+        let comfortable = std::mem::replace(&mut self.comfortable_since, [None; MAX_LAYERS]);
+        let throttles = self.throttles.clone();
+        for i in 0..self.count {
+            if let Some(j) = to(i) {
+                self.layers[j] = layers[i];
+                self.comfortable_since[j] = comfortable[i];
+                self.throttles[j] = throttles[i].clone();
+            }
+        }
+        self.current = self.current.and_then(to);
+        self.target = self.target.and_then(to);
     }
 
     /// A layer stopped (str0m's `StreamPaused { paused: true }`, or no packets for a while) or
@@ -1077,6 +1116,37 @@ mod tests {
         let s = sim.switches();
         assert_eq!(s.len(), 7, "{s:?}");
         assert!(s[6].3 >= secs(43.5) && s[6].3 < secs(43.8), "{:?}", s[6].3);
+    }
+
+    #[test]
+    fn reorder_moves_what_is_known_with_each_layer() {
+        let t = Instant::now();
+        let mut sel = LayerSelector::new(LayerSelectorConfig::default());
+        // Published as [h, q, f] by some measure, then ranked [q, h, f].
+        let old = LayerTable {
+            layers: [LAYERS[1], LAYERS[0], LAYERS[2], LayerInfo::default()],
+            count: 3,
+            live: 0b011,
+            ids: [1, 0, 2, 3],
+        };
+        old.apply(&mut sel, t);
+        sel.measured_bitrate(0, 480_000, t);
+        // Forwarding index 0 (h).
+        assert_eq!(sel.on_packet(0, true, t), LayerDecision::SwitchAndForward);
+        let new = LayerTable {
+            layers: [LAYERS[0], LAYERS[1], LAYERS[2], LayerInfo::default()],
+            ids: [0, 1, 2, 3],
+            ..old
+        };
+        let moved = new.moved_from(&old).expect("layers moved");
+        assert_eq!(&moved[..3], &[Some(1), Some(0), Some(2)]);
+        assert_eq!(new.moved_from(&new), None);
+        sel.reorder(&moved);
+        new.apply(&mut sel, t);
+        assert_eq!(sel.current(), Some(1), "still h");
+        assert_eq!(sel.layers[1].measured_bps, 480_000);
+        assert_eq!(sel.on_packet(1, false, t), LayerDecision::Forward);
+        assert_eq!(sel.on_packet(0, false, t), LayerDecision::Drop);
     }
 
     #[test]

@@ -566,6 +566,13 @@ impl ShardState {
                         .entry(track)
                         .or_insert_with(|| TrackState::new(min));
                     if interested {
+                        // The current ranking first, ahead of any packet that carries it.
+                        let fresh = ts.remote_shards & (1 << shard) == 0;
+                        if let (true, Some(table)) = (fresh, ts.layers.clone()) {
+                            if let Some(out) = self.mesh.outboxes.get_mut(shard) {
+                                out.push(MeshMsg::Layers(track, table));
+                            }
+                        }
                         ts.remote_shards |= 1 << shard;
                     } else {
                         ts.remote_shards &= !(1 << shard);
@@ -1151,7 +1158,11 @@ impl ShardState {
                 if let Some(sim) = t.sim.as_mut() {
                     let (table, reranked) = sim.tick(now);
                     if reranked {
-                        tracing::debug!(shard = self.id, session = %peer.session, track = t.track.0, ?table, "simulcast layers ranked");
+                        let rids: Vec<_> = (0..sim.count())
+                            .filter_map(|r| sim.rid_of_rank(r))
+                            .map(|r| r.to_string())
+                            .collect();
+                        tracing::info!(shard = self.id, session = %peer.session, track = t.track.0, low_to_high = ?rids, "simulcast layers ranked");
                     }
                     tables.push((t.track, Arc::new(table)));
                 }

@@ -13,8 +13,7 @@ use super::simulcast::{SimulcastRx, SubLayers};
 use super::NewPeer;
 use crate::mesh::{MediaPacket, TrackId};
 use crate::sfu::{
-    Decision, DropReason, Forwarder, ForwarderConfig, LayerDecision, LayerTable, MaxLayer,
-    SourcePacket,
+    Decision, DropReason, Forwarder, ForwarderConfig, LayerTable, MaxLayer, SourcePacket,
 };
 use crate::SessionId;
 
@@ -225,16 +224,9 @@ impl Peer {
                 }
                 Box::new(l)
             });
-            match layers
-                .selector
-                .on_packet(packet.layer.into(), packet.keyframe, now)
-            {
-                LayerDecision::Drop => return Forwarded::OtherLayer,
-                LayerDecision::Forward => sub.forwarder.decide(&source, now),
-                LayerDecision::SwitchAndForward => {
-                    layers.vp8.resync();
-                    sub.forwarder.switch_layer(&source, now)
-                }
+            match layers.decide(&mut sub.forwarder, packet.layer, &source, now) {
+                Some(d) => d,
+                None => return Forwarded::OtherLayer,
             }
         } else {
             sub.forwarder.decide(&source, now)

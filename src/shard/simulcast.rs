@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use str0m::media::Rid;
 
 use crate::sfu::{
-    LayerInfo, LayerSelector, LayerSelectorConfig, LayerTable, MaxLayer, Vp8Descriptor,
-    Vp8Rewriter, MAX_LAYERS,
+    Decision, Forwarder, LayerDecision, LayerInfo, LayerSelector, LayerSelectorConfig, LayerTable,
+    MaxLayer, SourcePacket, Vp8Descriptor, Vp8Rewriter, MAX_LAYERS,
 };
 
 /// A layer with no packet for this long is not live (str0m's `StreamPaused` says so after 1.5 s
@@ -131,6 +131,7 @@ impl SimulcastRx {
             changed |= self.rank_of[raw] != rank as u8;
             self.rank_of[raw] = rank as u8;
             self.raw_of[rank] = raw as u8;
+            table.ids[rank] = raw as u8;
             let l = &self.raw[raw];
             let info = &mut table.layers[rank];
             *info = LayerInfo {
@@ -171,11 +172,17 @@ impl SubLayers {
         }
     }
 
-    /// A newer table from the publisher's shard: new sizes or layers reset the selector's
-    /// layers, measured bitrates and liveness update them.
+    /// A newer table from the publisher's shard: layers ranked anew keep what the selector
+    /// knows of them (and the forwarded layer stays the same layer), new sizes or layers reset
+    /// the selector's layers, measured bitrates and liveness update them.
     pub fn update(&mut self, table: &LayerTable, now: Instant) {
         let old = self.table;
         self.table = *table;
+        if let Some(moved) = table.moved_from(&old) {
+            self.selector.reorder(&moved);
+            table.apply(&mut self.selector, now);
+            return;
+        }
         let same_shape = old.count == table.count
             && old
                 .infos()
@@ -192,6 +199,25 @@ impl SubLayers {
             }
             if old.is_live(i) != table.is_live(i) {
                 self.selector.layer_live(i, table.is_live(i), now);
+            }
+        }
+    }
+
+    /// One packet of layer `layer` (its rank) for this subscriber: `None` when the selector
+    /// does not forward that layer now, else what `forwarder` decided.
+    pub fn decide(
+        &mut self,
+        forwarder: &mut Forwarder,
+        layer: u8,
+        p: &SourcePacket,
+        now: Instant,
+    ) -> Option<Decision> {
+        match self.selector.on_packet(layer.into(), p.keyframe, now) {
+            LayerDecision::Drop => None,
+            LayerDecision::Forward => Some(forwarder.decide_layer(p, now)),
+            LayerDecision::SwitchAndForward => {
+                self.vp8.resync();
+                Some(forwarder.switch_layer(p, now))
             }
         }
     }
@@ -223,6 +249,7 @@ impl SubLayers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sfu::Quality;
 
     fn rids() -> Vec<Rid> {
         vec!["f".into(), "h".into(), "q".into()]
@@ -270,6 +297,196 @@ mod tests {
         assert_eq!(table.live.count_ones(), 2);
         let (table, _) = s.tick(t0 + Duration::from_secs(3));
         assert_eq!(table.live, 0, "nothing for 3 s");
+    }
+
+    /// One publisher layer for the tests: a VP8 stream at 30 frames/s, one packet per frame.
+    struct Layer {
+        raw: u8,
+        ssrc: u32,
+        seq: u16,
+        ts: u32,
+        size: (u16, u16),
+    }
+
+    impl Layer {
+        fn new(raw: u8, ssrc: u32, size: (u16, u16)) -> Layer {
+            Layer {
+                raw,
+                ssrc,
+                seq: (ssrc as u16).wrapping_mul(7),
+                ts: ssrc.wrapping_mul(13),
+                size,
+            }
+        }
+
+        /// The next packet; a keyframe says its size to `rx`, as VP8 keyframes do. Returns the
+        /// packet and the rank `rx` gives it.
+        fn next(
+            &mut self,
+            rx: &mut SimulcastRx,
+            keyframe: bool,
+            sized: bool,
+            now: Instant,
+        ) -> (SourcePacket, u8) {
+            self.seq = self.seq.wrapping_add(1);
+            self.ts = self.ts.wrapping_add(3_000);
+            let size = (keyframe && sized).then_some(self.size);
+            let rank = rx.on_packet(self.raw, 1_000, size, now);
+            let p = SourcePacket {
+                ssrc: self.ssrc,
+                seq: self.seq,
+                timestamp: self.ts,
+                marker: true,
+                keyframe,
+                arrival: now,
+            };
+            (p, rank)
+        }
+    }
+
+    /// Forwarded (outgoing seq, source SSRC) of one round of packets, one per layer.
+    fn round(
+        layers: &mut [Layer],
+        rx: &mut SimulcastRx,
+        sub: &mut SubLayers,
+        fwd: &mut Forwarder,
+        keyframe: bool,
+        sized: bool,
+        now: Instant,
+    ) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        for l in layers {
+            let (p, rank) = l.next(rx, keyframe, sized, now);
+            if let Some(Decision::Forward { seq, .. }) = sub.decide(fwd, rank, &p, now) {
+                out.push((seq, p.ssrc));
+            }
+        }
+        out
+    }
+
+    /// Ranks can change under a subscriber: here the layers are first ranked by bitrate (the
+    /// middle layer measuring below the lowest, as a layer still ramping up does), then by
+    /// height once keyframes give sizes. The subscriber must keep getting the layer it had, and
+    /// a later switch must work. Before the fix its layer index kept pointing at a rank that
+    /// now named another layer, one the forwarder had retired, and nothing reached the
+    /// subscriber again (CI, chromium-simulcast-tc).
+    #[test]
+    fn a_reranking_keeps_the_forwarded_layer() {
+        let t0 = Instant::now();
+        let frame = Duration::from_millis(33);
+        let mut rx = SimulcastRx::new(&["q".into(), "h".into(), "f".into()], t0).unwrap();
+        let (q, h, f) = (0x1111_0001, 0x2222_0002, 0x3333_0003);
+        let mut layers = [
+            Layer::new(0, q, (320, 180)),
+            Layer::new(1, h, (640, 360)),
+            Layer::new(2, f, (1280, 720)),
+        ];
+        // By bitrate: h < q < f, so h is ranked 0 and q 1.
+        rx.on_packet(0, 40_000, None, t0);
+        rx.on_packet(1, 10_000, None, t0);
+        rx.on_packet(2, 100_000, None, t0);
+        let mut now = t0 + Duration::from_secs(1);
+        let (table, _) = rx.tick(now);
+        assert_eq!(rx.rid_of_rank(0), Some("h".into()));
+        assert_eq!(rx.rid_of_rank(1), Some("q".into()));
+
+        // The subscriber is capped at the middle rank (q now) and starts on it.
+        let cap = |quality| MaxLayer {
+            quality: Some(quality),
+            max_height: None,
+        };
+        let mut sub = SubLayers::new(&table, cap(Quality::Mid), now);
+        let mut fwd = Forwarder::new(
+            crate::sfu::ForwarderConfig {
+                clock_rate: 90_000,
+                is_video: true,
+            },
+            7,
+        );
+        let mut sent = round(&mut layers, &mut rx, &mut sub, &mut fwd, true, false, now);
+        assert_eq!(sent.iter().map(|s| s.1).collect::<Vec<_>>(), vec![q]);
+        // Capped at the lowest rank (h now): the switch happens on h's next keyframe.
+        sub.selector.set_max(cap(Quality::Low), now);
+        now += frame;
+        sent.extend(round(
+            &mut layers,
+            &mut rx,
+            &mut sub,
+            &mut fwd,
+            true,
+            false,
+            now,
+        ));
+        assert_eq!(sent.last().map(|s| s.1), Some(h));
+
+        // Keyframes with sizes: ranked by height now, q 0, h 1, f 2.
+        now += frame;
+        sent.extend(round(
+            &mut layers,
+            &mut rx,
+            &mut sub,
+            &mut fwd,
+            true,
+            true,
+            now,
+        ));
+        now += Duration::from_millis(500);
+        let (table, changed) = rx.tick(now);
+        assert!(changed);
+        assert_eq!(rx.rid_of_rank(0), Some("q".into()));
+        sub.update(&table, now);
+
+        // h keeps flowing until q, the lowest layer now, sends a keyframe; then q flows.
+        let before = sent.len();
+        for _ in 0..10 {
+            now += frame;
+            sent.extend(round(
+                &mut layers,
+                &mut rx,
+                &mut sub,
+                &mut fwd,
+                false,
+                false,
+                now,
+            ));
+        }
+        assert_eq!(
+            sent[before..].iter().map(|s| s.1).collect::<Vec<_>>(),
+            vec![h; 10],
+            "the forwarded layer changed with its rank"
+        );
+        now += frame;
+        sent.extend(round(
+            &mut layers,
+            &mut rx,
+            &mut sub,
+            &mut fwd,
+            true,
+            true,
+            now,
+        ));
+        for _ in 0..10 {
+            now += frame;
+            sent.extend(round(
+                &mut layers,
+                &mut rx,
+                &mut sub,
+                &mut fwd,
+                false,
+                false,
+                now,
+            ));
+        }
+        assert_eq!(
+            sent[before + 10..].iter().map(|s| s.1).collect::<Vec<_>>(),
+            vec![q; 11],
+            "no switch to the lowest layer after the reranking"
+        );
+        let seqs: Vec<u64> = sent.iter().map(|s| s.0).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "outgoing sequence numbers not continuous: {seqs:?}"
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 // --mode limited: one WHEP viewer runs in the browser given by --viewer-chromium (a wrapper that
 // starts Chromium inside a network namespace whose downlink the caller limited, e.g. tc tbf
 // 600kbit). It must settle on a layer at most 640 wide and keep decoding (framesDecoded grows by
-// at least 10 per second over --settle-check s, freezeCount grows by at most 3), then, once
+// at least 10 per second over --settle-check s and by 5 in the second after it, freezeCount
+// grows by at most 3), then, once
 // --lift-cmd has run, decode frameWidth 1280 within 15 s.
 //
 // Offers keep only host candidates whose address starts with one of --prefixes (default 127.).
@@ -274,17 +275,30 @@ async function main() {
       since = null;
       return false;
     }, (s) => log(`limited viewer ${JSON.stringify(s)}`));
-    if (!settled.ok) throw new Fail(`the limited viewer did not settle on a layer <= 640 wide: ${JSON.stringify(settled.value)}`);
+    if (!settled.ok) {
+      log(`limited viewer stats:\n${await v.evaluate(() => window.dump())}`);
+      throw new Fail(`the limited viewer did not settle on a layer <= 640 wide: ${JSON.stringify(settled.value)}`);
+    }
     const s = settled.value;
     const fps = (s.decoded - start.decoded) / (checkMs / 1000);
     log(`settled: ${JSON.stringify(s)}; ${fps.toFixed(1)} frames/s, ${s.freezes - start.freezes} freezes over ${checkMs / 1000} s`);
     if (fps < 10) throw new Fail(`the limited viewer decodes only ${fps.toFixed(1)} frames/s on the low layer`);
     if (s.freezes - start.freezes > 3) throw new Fail(`the limited viewer froze ${s.freezes - start.freezes} times`);
+    // The average above could hide a stream that stopped at the end of the window.
+    await sleep(1000);
+    const after = await stats();
+    if (after.decoded - s.decoded < 5) {
+      log(`limited viewer stats:\n${await v.evaluate(() => window.dump())}`);
+      throw new Fail(`the limited viewer stopped decoding under the limit: ${JSON.stringify(after)} 1 s after ${JSON.stringify(s)}`);
+    }
     log(`lifting the limit: ${opt['lift-cmd']}`);
     execSync(opt['lift-cmd'], { stdio: 'inherit' });
     const t = Date.now();
     const back = await until(15000, stats, (x) => x.w === 1280, (x) => log(`limited viewer ${JSON.stringify(x)}`));
-    if (!back.ok) throw new Fail(`no top layer within 15 s of lifting the limit: ${JSON.stringify(back.value)}`);
+    if (!back.ok) {
+      log(`limited viewer stats:\n${await v.evaluate(() => window.dump())}`);
+      throw new Fail(`no top layer within 15 s of lifting the limit: ${JSON.stringify(back.value)}`);
+    }
     log(`PASS: settled at ${s.w}x${s.h} under the limit; back to 1280 wide ${((Date.now() - t) / 1000).toFixed(1)} s after lifting it`);
   } finally {
     for (const c of contexts) await c.close().catch(() => {});

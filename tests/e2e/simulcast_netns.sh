@@ -96,6 +96,12 @@ node "$HERE/chromium_simulcast.mjs" --url "http://$HOST_IP:$HTTP_PORT" --stream 
     --viewer-chromium "$WORK/chromium-in-netns" --lift-cmd "tc qdisc del dev $HOST_IF root"
 rc=$?
 echo "---- sluice's simulcast decisions"
-grep -a "simulcast layer switch" "$WORK/sluice.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-60,100-260 | tail -20
-[ "$rc" -ne 0 ] && { echo "---- sluice log (last 30 lines)"; tail -30 "$WORK/sluice.log"; }
+grep -aE "simulcast layer switch|simulcast layers ranked" "$WORK/sluice.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-60,100-260 | tail -20
+if [ "$rc" -ne 0 ]; then
+    echo "---- sluice's forwarding and keyframe counters"
+    curl -fsS "http://$HOST_IP:$HTTP_PORT/metrics" 2>/dev/null |
+        grep -E '^sluice_(dropped_packets|keyframe|simulcast|rtp_forwarded)' | grep -v ' 0$'
+    echo "---- sluice log (last 30 lines)"
+    tail -30 "$WORK/sluice.log"
+fi
 exit "$rc"
