@@ -7,6 +7,7 @@
 #   CASES="fanout-uring fanout-simulcast-uring" perf/capacity.sh   # some cases only (names below)
 #   MEETING=1 perf/capacity.sh       # also the optional /ws room case (or CASES="meeting-uring")
 #   BUILD=0 SLUICE=/tmp/old/sluice CASES=fanout-uring perf/capacity.sh   # another build of sluice
+#   SFU_LOG_LEVEL=info CASES=fanout-simulcast-uring perf/capacity.sh   # sluice logs its layer switches
 #
 # Everything runs on loopback (127.0.0.1) and every step is bounded in time. See perf/README.md.
 set -euo pipefail
@@ -98,7 +99,7 @@ start_sluice() {
     SLUICE_MEDIA_PIN_CORES=false \
     SLUICE_TURN_ENABLED=false \
     SLUICE_LIMITS_MAX_PEERS=50000 \
-    SLUICE_LOG_LEVEL=warn \
+    SLUICE_LOG_LEVEL=${SFU_LOG_LEVEL:-warn} \
         taskset -c "$SFU_CPUS" "$SLUICE" serve >"$OUT/sluice-$io.log" 2>&1 &
     SFU_PID=$!
     local i

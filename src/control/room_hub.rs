@@ -405,6 +405,31 @@ impl RoomHub {
         }
     }
 
+    /// Send a shard the command `command` builds around a reply channel, and once the shard
+    /// replies, or has not within [`SHARD_REPLY_TIMEOUT`] (`None`), run `then` on the hub
+    /// under its lock and execute the actions it returns.
+    fn ask_shard<T: Send + 'static>(
+        &self,
+        c: &SharedControl,
+        shard: ShardId,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> ShardCommand,
+        then: impl FnOnce(&mut RoomHub, Option<T>, Instant) -> Vec<Action> + Send + 'static,
+    ) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.to_shard(c, shard, command(reply));
+        let c = c.clone();
+        tokio::spawn(async move {
+            let reply = tokio::time::timeout(SHARD_REPLY_TIMEOUT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let mut hub = c.rooms.lock().expect("rooms");
+            let now = Instant::now();
+            let actions = then(&mut hub, reply, now);
+            hub.execute(&c, actions, now);
+        });
+    }
+
     fn execute_one(&mut self, c: &SharedControl, action: Action, now: Instant) {
         match action {
             Action::Send { to, message } => self.send(&to, &message),
@@ -553,27 +578,19 @@ impl RoomHub {
                 let Some(pc) = self.members.get(&participant).map(|m| m.subscribe) else {
                     return;
                 };
-                let (reply, rx) = tokio::sync::oneshot::channel();
-                self.to_shard(
-                    c,
-                    pc.shard,
+                let command = |reply| {
                     ShardCommand::Room(RoomCommand::SubscribeAnswer {
                         session: pc.session,
                         answer: sdp,
                         reply,
-                    }),
-                );
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let result = tokio::time::timeout(SHARD_REPLY_TIMEOUT, rx).await;
-                    if let Ok(Ok(Ok(()))) = result {
-                        return;
+                    })
+                };
+                self.ask_shard(c, pc.shard, command, move |hub, reply, now| {
+                    if let Some(Ok(())) = reply {
+                        return Vec::new();
                     }
-                    tracing::info!(%participant, ?result, "subscribe answer refused");
-                    let mut hub = c.rooms.lock().expect("rooms");
-                    let now = Instant::now();
-                    let actions = hub.rooms.subscriber_failed(participant, now);
-                    hub.execute(&c, actions, now);
+                    tracing::info!(%participant, ?reply, "subscribe answer refused");
+                    hub.rooms.subscriber_failed(participant, now)
                 });
             }
             Action::RemoteCandidate {
@@ -737,38 +754,28 @@ impl RoomHub {
             }
         }
         let pc = self.members[&participant].subscribe;
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.to_shard(
-            c,
-            pc.shard,
+        let command = |reply| {
             ShardCommand::Room(RoomCommand::SubscribeOffer {
                 session: pc.session,
                 tracks: tracks.iter().map(|t| mesh(t.track)).collect(),
                 reply,
-            }),
-        );
-        let c = c.clone();
-        tokio::spawn(async move {
-            let result = tokio::time::timeout(SHARD_REPLY_TIMEOUT, rx).await;
-            let mut hub = c.rooms.lock().expect("rooms");
-            let now = Instant::now();
-            let actions = match result {
-                Ok(Ok(Ok(Some(offer)))) => {
-                    let mids = offer
-                        .mids
-                        .into_iter()
-                        .map(|(mid, t)| (mid.to_string(), RoomTrackId(t.0)))
-                        .collect();
-                    hub.rooms
-                        .subscriber_offer(participant, offer.sdp, mids, now)
-                }
-                Ok(Ok(Ok(None))) => hub.rooms.subscriber_unchanged(participant, now),
-                other => {
-                    tracing::info!(%participant, ?other, "subscribe offer failed");
-                    hub.rooms.subscriber_failed(participant, now)
-                }
-            };
-            hub.execute(&c, actions, now);
+            })
+        };
+        self.ask_shard(c, pc.shard, command, move |hub, reply, now| match reply {
+            Some(Ok(Some(offer))) => {
+                let mids = offer
+                    .mids
+                    .into_iter()
+                    .map(|(mid, t)| (mid.to_string(), RoomTrackId(t.0)))
+                    .collect();
+                hub.rooms
+                    .subscriber_offer(participant, offer.sdp, mids, now)
+            }
+            Some(Ok(None)) => hub.rooms.subscriber_unchanged(participant, now),
+            other => {
+                tracing::info!(%participant, ?other, "subscribe offer failed");
+                hub.rooms.subscriber_failed(participant, now)
+            }
         });
     }
 
@@ -808,35 +815,25 @@ impl RoomHub {
                     .publish_answered(participant, n.answer, negotiated(&n.media), now);
             return self.execute(c, actions, now);
         }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.to_shard(
-            c,
-            pc.shard,
+        let command = |reply| {
             ShardCommand::Room(RoomCommand::PublishOffer {
                 session: pc.session,
                 offer: sdp,
                 reply,
-            }),
-        );
-        let c = c.clone();
-        tokio::spawn(async move {
-            let result = tokio::time::timeout(SHARD_REPLY_TIMEOUT, rx).await;
-            let mut hub = c.rooms.lock().expect("rooms");
-            let now = Instant::now();
-            let actions = match result {
-                Ok(Ok(Ok((answer, media)))) => {
-                    let tracks = negotiated(&media);
-                    if let Some(m) = hub.members.get_mut(&participant) {
-                        m.publish_media = media;
-                    }
-                    hub.rooms.publish_answered(participant, answer, tracks, now)
+            })
+        };
+        self.ask_shard(c, pc.shard, command, move |hub, reply, now| match reply {
+            Some(Ok((answer, media))) => {
+                let tracks = negotiated(&media);
+                if let Some(m) = hub.members.get_mut(&participant) {
+                    m.publish_media = media;
                 }
-                Ok(Ok(Err(e))) => hub.rooms.publish_failed(participant, &e, now),
-                _ => hub
-                    .rooms
-                    .publish_failed(participant, "the media shard did not answer", now),
-            };
-            hub.execute(&c, actions, now);
+                hub.rooms.publish_answered(participant, answer, tracks, now)
+            }
+            Some(Err(e)) => hub.rooms.publish_failed(participant, &e, now),
+            None => hub
+                .rooms
+                .publish_failed(participant, "the media shard did not answer", now),
         });
     }
 
