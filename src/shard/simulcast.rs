@@ -178,10 +178,9 @@ impl SubLayers {
     pub fn update(&mut self, table: &LayerTable, now: Instant) {
         let old = self.table;
         self.table = *table;
-        if let Some(moved) = table.moved_from(&old) {
-            self.selector.reorder(&moved);
-            table.apply(&mut self.selector, now);
-            return;
+        let moved = table.moved_from(&old);
+        if let Some(moved) = &moved {
+            self.selector.reorder(moved);
         }
         let same_shape = old.count == table.count
             && old
@@ -189,8 +188,13 @@ impl SubLayers {
                 .iter()
                 .zip(table.infos())
                 .all(|(a, b)| (a.width, a.height) == (b.width, b.height));
-        if !same_shape {
+        if moved.is_some() || !same_shape {
             table.apply(&mut self.selector, now);
+            // The bitrate a layer measured before stays the selector's cost until it is told
+            // otherwise: tell it every layer's, as the table has them now.
+            for (i, b) in table.infos().iter().enumerate() {
+                self.selector.measured_bitrate(i, b.bitrate_bps, now);
+            }
             return;
         }
         for (i, (a, b)) in old.infos().iter().zip(table.infos()).enumerate() {
@@ -486,6 +490,43 @@ mod tests {
         assert!(
             seqs.windows(2).all(|w| w[1] == w[0] + 1),
             "outgoing sequence numbers not continuous: {seqs:?}"
+        );
+    }
+
+    /// After a new ranking (or new sizes), the selector's cost of each layer is the table's
+    /// latest measurement, not the one it had before.
+    #[test]
+    fn a_reranking_brings_the_latest_bitrates() {
+        let t0 = Instant::now();
+        let sec = Duration::from_secs(1);
+        let mut rx = SimulcastRx::new(&["q".into(), "h".into(), "f".into()], t0).unwrap();
+        let window = |rx: &mut SimulcastRx, q: usize, h: usize, f: usize, size: bool, at| {
+            let sized = |w, h| size.then_some((w, h));
+            rx.on_packet(0, q, sized(320, 180), at);
+            rx.on_packet(1, h, sized(640, 360), at);
+            rx.on_packet(2, f, sized(1280, 720), at);
+        };
+        // By bitrate, h below q.
+        window(&mut rx, 20_000, 10_000, 100_000, false, t0);
+        let (table, _) = rx.tick(t0 + sec);
+        let mut sub = SubLayers::new(&table, MaxLayer::default(), t0 + sec);
+        // Same ranking, new bitrates: f measured at 1.2 Mbit/s.
+        window(&mut rx, 20_000, 10_000, 150_000, false, t0 + sec);
+        let (table, changed) = rx.tick(t0 + 2 * sec);
+        assert!(!changed);
+        sub.update(&table, t0 + 2 * sec);
+        // Sizes: ranked q, h, f now, and f measures 2 Mbit/s.
+        window(&mut rx, 20_000, 60_000, 250_000, true, t0 + 2 * sec);
+        let (table, changed) = rx.tick(t0 + 3 * sec);
+        assert!(changed);
+        assert_eq!(table.layers[2].bitrate_bps, 2_000_000);
+        sub.update(&table, t0 + 3 * sec);
+        let cfg = LayerSelectorConfig::default();
+        let top = 2_000_000 * u64::from(100 + cfg.upswitch_hysteresis_pct) / 100;
+        assert_eq!(
+            sub.selector.bwe_targets().map(|b| b.desired_bps),
+            Some(top + cfg.audio_reserve_bps),
+            "the top layer's cost is its latest measurement"
         );
     }
 
