@@ -303,7 +303,7 @@ mod tests {
         assert_eq!(table.live, 0, "nothing for 3 s");
     }
 
-    /// One publisher layer for the tests: a VP8 stream at 30 frames/s, one packet per frame.
+    /// One publisher layer for the tests: a VP8 stream, one packet per frame.
     struct Layer {
         raw: u8,
         ssrc: u32,
@@ -312,60 +312,89 @@ mod tests {
         size: (u16, u16),
     }
 
-    impl Layer {
-        fn new(raw: u8, ssrc: u32, size: (u16, u16)) -> Layer {
-            Layer {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Frame {
+        Delta,
+        Key,
+        /// A keyframe that says its picture size, as VP8 keyframes do.
+        SizedKey,
+    }
+
+    /// Three layers q, h, f of one publisher, its shard's `SimulcastRx`, and one subscriber's
+    /// `SubLayers` and `Forwarder`, driven as `Peer::forward` drives them.
+    struct Rig {
+        layers: [Layer; 3],
+        rx: SimulcastRx,
+        sub: Option<SubLayers>,
+        fwd: Forwarder,
+        now: Instant,
+        /// Forwarded packets: (outgoing seq, source SSRC).
+        sent: Vec<(u64, u32)>,
+    }
+
+    const Q: u32 = 0x1111_0001;
+    const H: u32 = 0x2222_0002;
+    const F: u32 = 0x3333_0003;
+
+    impl Rig {
+        fn new(now: Instant) -> Rig {
+            let layer = |raw: u8, ssrc: u32, size| Layer {
                 raw,
                 ssrc,
                 seq: (ssrc as u16).wrapping_mul(7),
                 ts: ssrc.wrapping_mul(13),
                 size,
-            }
-        }
-
-        /// The next packet; a keyframe says its size to `rx`, as VP8 keyframes do. Returns the
-        /// packet and the rank `rx` gives it.
-        fn next(
-            &mut self,
-            rx: &mut SimulcastRx,
-            keyframe: bool,
-            sized: bool,
-            now: Instant,
-        ) -> (SourcePacket, u8) {
-            self.seq = self.seq.wrapping_add(1);
-            self.ts = self.ts.wrapping_add(3_000);
-            let size = (keyframe && sized).then_some(self.size);
-            let rank = rx.on_packet(self.raw, 1_000, size, now);
-            let p = SourcePacket {
-                ssrc: self.ssrc,
-                seq: self.seq,
-                timestamp: self.ts,
-                marker: true,
-                keyframe,
-                arrival: now,
             };
-            (p, rank)
-        }
-    }
-
-    /// Forwarded (outgoing seq, source SSRC) of one round of packets, one per layer.
-    fn round(
-        layers: &mut [Layer],
-        rx: &mut SimulcastRx,
-        sub: &mut SubLayers,
-        fwd: &mut Forwarder,
-        keyframe: bool,
-        sized: bool,
-        now: Instant,
-    ) -> Vec<(u64, u32)> {
-        let mut out = Vec::new();
-        for l in layers {
-            let (p, rank) = l.next(rx, keyframe, sized, now);
-            if let Some(Decision::Forward { seq, .. }) = sub.decide(fwd, rank, &p, now) {
-                out.push((seq, p.ssrc));
+            Rig {
+                layers: [
+                    layer(0, Q, (320, 180)),
+                    layer(1, H, (640, 360)),
+                    layer(2, F, (1280, 720)),
+                ],
+                rx: SimulcastRx::new(&["q".into(), "h".into(), "f".into()], now).unwrap(),
+                sub: None,
+                fwd: Forwarder::new(
+                    crate::sfu::ForwarderConfig {
+                        clock_rate: 90_000,
+                        is_video: true,
+                    },
+                    7,
+                ),
+                now,
+                sent: Vec::new(),
             }
         }
-        out
+
+        /// One frame on every layer, 33 ms after the last.
+        fn round(&mut self, frame: Frame) {
+            self.now += Duration::from_millis(33);
+            let sub = self.sub.as_mut().expect("subscriber");
+            for l in &mut self.layers {
+                l.seq = l.seq.wrapping_add(1);
+                l.ts = l.ts.wrapping_add(3_000);
+                let keyframe = frame != Frame::Delta;
+                let size = (frame == Frame::SizedKey).then_some(l.size);
+                let rank = self.rx.on_packet(l.raw, 1_000, size, self.now);
+                let p = SourcePacket {
+                    ssrc: l.ssrc,
+                    seq: l.seq,
+                    timestamp: l.ts,
+                    marker: true,
+                    keyframe,
+                    arrival: self.now,
+                };
+                if let Some(Decision::Forward { seq, .. }) =
+                    sub.decide(&mut self.fwd, rank, &p, self.now)
+                {
+                    self.sent.push((seq, p.ssrc));
+                }
+            }
+        }
+
+        /// The source SSRCs forwarded from index `from` on.
+        fn sources(&self, from: usize) -> Vec<u32> {
+            self.sent[from..].iter().map(|s| s.1).collect()
+        }
     }
 
     /// Ranks can change under a subscriber: here the layers are first ranked by bitrate (the
@@ -377,116 +406,58 @@ mod tests {
     #[test]
     fn a_reranking_keeps_the_forwarded_layer() {
         let t0 = Instant::now();
-        let frame = Duration::from_millis(33);
-        let mut rx = SimulcastRx::new(&["q".into(), "h".into(), "f".into()], t0).unwrap();
-        let (q, h, f) = (0x1111_0001, 0x2222_0002, 0x3333_0003);
-        let mut layers = [
-            Layer::new(0, q, (320, 180)),
-            Layer::new(1, h, (640, 360)),
-            Layer::new(2, f, (1280, 720)),
-        ];
+        let mut rig = Rig::new(t0);
         // By bitrate: h < q < f, so h is ranked 0 and q 1.
-        rx.on_packet(0, 40_000, None, t0);
-        rx.on_packet(1, 10_000, None, t0);
-        rx.on_packet(2, 100_000, None, t0);
-        let mut now = t0 + Duration::from_secs(1);
-        let (table, _) = rx.tick(now);
-        assert_eq!(rx.rid_of_rank(0), Some("h".into()));
-        assert_eq!(rx.rid_of_rank(1), Some("q".into()));
+        rig.rx.on_packet(0, 40_000, None, t0);
+        rig.rx.on_packet(1, 10_000, None, t0);
+        rig.rx.on_packet(2, 100_000, None, t0);
+        rig.now = t0 + Duration::from_secs(1);
+        let (table, _) = rig.rx.tick(rig.now);
+        assert_eq!(rig.rx.rid_of_rank(0), Some("h".into()));
+        assert_eq!(rig.rx.rid_of_rank(1), Some("q".into()));
 
         // The subscriber is capped at the middle rank (q now) and starts on it.
         let cap = |quality| MaxLayer {
             quality: Some(quality),
             max_height: None,
         };
-        let mut sub = SubLayers::new(&table, cap(Quality::Mid), now);
-        let mut fwd = Forwarder::new(
-            crate::sfu::ForwarderConfig {
-                clock_rate: 90_000,
-                is_video: true,
-            },
-            7,
-        );
-        let mut sent = round(&mut layers, &mut rx, &mut sub, &mut fwd, true, false, now);
-        assert_eq!(sent.iter().map(|s| s.1).collect::<Vec<_>>(), vec![q]);
+        rig.sub = Some(SubLayers::new(&table, cap(Quality::Mid), rig.now));
+        rig.round(Frame::Key);
+        assert_eq!(rig.sources(0), vec![Q]);
         // Capped at the lowest rank (h now): the switch happens on h's next keyframe.
-        sub.selector.set_max(cap(Quality::Low), now);
-        now += frame;
-        sent.extend(round(
-            &mut layers,
-            &mut rx,
-            &mut sub,
-            &mut fwd,
-            true,
-            false,
-            now,
-        ));
-        assert_eq!(sent.last().map(|s| s.1), Some(h));
+        let sub = rig.sub.as_mut().unwrap();
+        sub.selector.set_max(cap(Quality::Low), rig.now);
+        rig.round(Frame::Key);
+        assert_eq!(rig.sent.last().map(|s| s.1), Some(H));
 
         // Keyframes with sizes: ranked by height now, q 0, h 1, f 2.
-        now += frame;
-        sent.extend(round(
-            &mut layers,
-            &mut rx,
-            &mut sub,
-            &mut fwd,
-            true,
-            true,
-            now,
-        ));
-        now += Duration::from_millis(500);
-        let (table, changed) = rx.tick(now);
+        rig.round(Frame::SizedKey);
+        rig.now += Duration::from_millis(500);
+        let (table, changed) = rig.rx.tick(rig.now);
         assert!(changed);
-        assert_eq!(rx.rid_of_rank(0), Some("q".into()));
-        sub.update(&table, now);
+        assert_eq!(rig.rx.rid_of_rank(0), Some("q".into()));
+        rig.sub.as_mut().unwrap().update(&table, rig.now);
 
         // h keeps flowing until q, the lowest layer now, sends a keyframe; then q flows.
-        let before = sent.len();
+        let before = rig.sent.len();
         for _ in 0..10 {
-            now += frame;
-            sent.extend(round(
-                &mut layers,
-                &mut rx,
-                &mut sub,
-                &mut fwd,
-                false,
-                false,
-                now,
-            ));
+            rig.round(Frame::Delta);
         }
         assert_eq!(
-            sent[before..].iter().map(|s| s.1).collect::<Vec<_>>(),
-            vec![h; 10],
+            rig.sources(before),
+            vec![H; 10],
             "the forwarded layer changed with its rank"
         );
-        now += frame;
-        sent.extend(round(
-            &mut layers,
-            &mut rx,
-            &mut sub,
-            &mut fwd,
-            true,
-            true,
-            now,
-        ));
+        rig.round(Frame::SizedKey);
         for _ in 0..10 {
-            now += frame;
-            sent.extend(round(
-                &mut layers,
-                &mut rx,
-                &mut sub,
-                &mut fwd,
-                false,
-                false,
-                now,
-            ));
+            rig.round(Frame::Delta);
         }
         assert_eq!(
-            sent[before + 10..].iter().map(|s| s.1).collect::<Vec<_>>(),
-            vec![q; 11],
+            rig.sources(before + 10),
+            vec![Q; 11],
             "no switch to the lowest layer after the reranking"
         );
-        let seqs: Vec<u64> = sent.iter().map(|s| s.0).collect();
+        let seqs: Vec<u64> = rig.sent.iter().map(|s| s.0).collect();
         assert!(
             seqs.windows(2).all(|w| w[1] == w[0] + 1),
             "outgoing sequence numbers not continuous: {seqs:?}"
