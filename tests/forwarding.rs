@@ -100,6 +100,44 @@ fn fanout_to_six(io: IoBackend) {
     }
 }
 
+/// A viewer that loses every 10th RTP datagram still gets every video packet: it sends NACKs, and
+/// sluice resends from its copies of what it sent (RTX). Those copies are kept whether a packet
+/// was protected at once or went through str0m's queue.
+#[test]
+fn lost_video_is_resent() {
+    let server = start(config(1, IoBackend::Uring));
+    let publisher = Client::publish(&server, "lossy").expect("WHIP accepted");
+    assert!(publisher.wait_connected(CONNECT), "publisher connects");
+    let viewer = Client::play(&server, "lossy").expect("WHEP accepted");
+    viewer.state.lose_rtp_every.store(10, Ordering::Relaxed);
+    assert!(viewer.wait_connected(CONNECT), "viewer connects");
+    assert!(wait_until(CONNECT, || viewer
+        .received()
+        .iter()
+        .any(|r| r.video)));
+    std::thread::sleep(Duration::from_secs(2));
+    publisher.state.paused.store(true, Ordering::Relaxed);
+    // Time for the last NACKs and their resends.
+    std::thread::sleep(Duration::from_secs(1));
+    let lost = viewer.state.lost_rtp.load(Ordering::Relaxed);
+    let mut seqs: Vec<u64> = viewer
+        .received()
+        .iter()
+        .filter(|r| r.video)
+        .map(|r| r.seq)
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
+    let missing = span - seqs.len() as u64;
+    assert!(lost >= 20, "the viewer lost only {lost} datagrams");
+    assert!(seqs.len() > 200, "{} video packets", seqs.len());
+    assert_eq!(
+        missing, 0,
+        "{missing} of {span} video packets never arrived ({lost} lost)"
+    );
+}
+
 #[test]
 fn one_publisher_six_viewers_two_shards_uring() {
     fanout_to_six(IoBackend::Uring);

@@ -766,12 +766,7 @@ impl ShardState {
                     return;
                 }
                 Output::Transmit(t) => {
-                    let sock = self
-                        .cfg
-                        .announced
-                        .iter()
-                        .position(|a| *a == t.source)
-                        .unwrap_or(0);
+                    let sock = socket_of(&self.cfg.announced, t.source);
                     self.pending_tx
                         .push((sock, t.destination, t.contents.into()));
                 }
@@ -997,10 +992,31 @@ impl ShardState {
             }
             peer.written = false;
             self.forwarded_arrivals.append(&mut peer.written_arrivals);
-            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
-                tracing::debug!(shard = self.id, error = %e, "timeout input failed");
+            // Each packet is protected at once where str0m allows it (no pacer, nothing queued
+            // before it); the rest are queued, and a timeout and a drain send them.
+            let mut queued = false;
+            for (mid, write) in peer.writes.drain(..) {
+                match peer.rtc.send_rtp_now(mid, write, now) {
+                    Ok(Some(t)) => {
+                        let sock = socket_of(&self.cfg.announced, t.source);
+                        self.pending_tx
+                            .push((sock, t.destination, t.contents.into()));
+                    }
+                    Ok(None) => self.counters.inc(Counter::DropNoCodec),
+                    Err(write) => {
+                        if let Some(tx) = peer.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                            tx.write_rtp(write);
+                            queued = true;
+                        }
+                    }
+                }
             }
-            self.drain(key, now);
+            if queued {
+                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(shard = self.id, error = %e, "timeout input failed");
+                }
+                self.drain(key, now);
+            }
         }
         self.written_sent = end;
         if end < self.written.len() {
@@ -1466,6 +1482,11 @@ impl ShardState {
             self.close_peer(key, CloseReason::Shutdown);
         }
     }
+}
+
+/// The socket whose announced address str0m sends from (the first when it is not ours).
+fn socket_of(announced: &[SocketAddr], source: SocketAddr) -> usize {
+    announced.iter().position(|a| *a == source).unwrap_or(0)
 }
 
 fn switch_counter(reason: SwitchReason) -> Counter {

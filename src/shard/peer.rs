@@ -36,6 +36,8 @@ pub struct Peer {
     pub deadline: Option<Instant>,
     /// Given packets this turn that str0m has not sent yet (see `ShardState::send_written`).
     pub written: bool,
+    /// The packets given this turn, per mid, in order, until `send_written` sends them.
+    pub writes: Vec<(Mid, RtpWrite)>,
     /// Arrival time of each packet written this turn, until it is sent.
     pub written_arrivals: Vec<Instant>,
     /// 5-tuples (socket, remote) this peer is reached on.
@@ -134,6 +136,7 @@ impl Peer {
             last_recv: now,
             deadline: None,
             written: false,
+            writes: Vec::new(),
             written_arrivals: Vec::new(),
             sources: Vec::with_capacity(2),
             nacks: Vec::new(),
@@ -243,10 +246,9 @@ impl Peer {
                 };
                 let mid = t.mid;
                 let video = t.track.is_video();
-                let mut api = self.rtc.direct_api();
-                let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                if self.rtc.direct_api().stream_tx_by_mid(mid, None).is_none() {
                     return Forwarded::Skipped;
-                };
+                }
                 let ext = ExtensionValues {
                     audio_level: packet.audio_level,
                     voice_activity: packet.voice_activity,
@@ -265,7 +267,7 @@ impl Peer {
                 if let Some(patch) = patch {
                     write = write.vp8_patch(patch);
                 }
-                tx.write_rtp(write);
+                self.writes.push((mid, write));
                 Forwarded::Sent
             }
             Decision::Drop(reason) => Forwarded::Dropped {

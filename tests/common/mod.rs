@@ -82,6 +82,10 @@ pub struct ClientState {
     pub restart: Mutex<Option<(str0m::IceCreds, str0m::IceCreds)>>,
     /// The local address the client currently uses.
     pub local: Mutex<Option<SocketAddr>>,
+    /// Lose every Nth RTP datagram that arrives (0: none), as a lossy link would.
+    pub lose_rtp_every: AtomicU64,
+    /// RTP datagrams lost that way.
+    pub lost_rtp: AtomicU64,
 }
 
 pub struct Client {
@@ -298,6 +302,11 @@ impl Drop for Client {
     }
 }
 
+/// An RTP datagram (not RTCP, STUN or DTLS), by RFC 7983's first byte and RFC 5761's second.
+fn is_rtp(d: &[u8]) -> bool {
+    d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -367,6 +376,7 @@ fn run_client(
     let mut last_keyframe = start - KEYFRAME_EVERY;
     let (mut vseq, mut aseq) = (1000u64, 5000u64);
     let (mut vcount, mut acount) = (0u32, 0u32);
+    let mut rtp_in = 0u64;
     let vpt = rtc
         .codec_config()
         .find(|p| p.spec().codec == Codec::Vp8)
@@ -455,6 +465,16 @@ fn run_client(
             .max(Duration::from_millis(1));
         socket.set_read_timeout(Some(wait)).unwrap();
         let input = match socket.recv_from(&mut buf) {
+            Ok((n, _))
+                if is_rtp(&buf[..n]) && {
+                    rtp_in += 1;
+                    let every = st.lose_rtp_every.load(Ordering::Relaxed);
+                    every > 0 && rtp_in.is_multiple_of(every)
+                } =>
+            {
+                st.lost_rtp.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Ok((n, source)) => match Receive::new(Protocol::Udp, source, local, &buf[..n]) {
                 Ok(r) => Input::Receive(Instant::now(), r),
                 Err(_) => continue,

@@ -1459,6 +1459,44 @@ impl Rtc {
         DirectApi::new(self)
     }
 
+    /// sluice: write one RTP packet to `mid`'s send stream and get it back protected, ready to
+    /// send, without waiting for a [`Rtc::handle_input`] timeout and [`Rtc::poll_output`].
+    ///
+    /// This is what [`StreamTx::write_rtp`][crate::rtp::StreamTx::write_rtp] followed by a timeout
+    /// and a poll would produce for it: the same header extensions, TWCC sequence number, RTX
+    /// cache entry and statistics. It applies when ICE has a nominated pair, SRTP is keyed, the
+    /// `Rtc` has no bandwidth estimator (whose pacer could hold the packet back) and nothing
+    /// written to the stream is still queued. Otherwise the write is returned, to give to
+    /// `write_rtp`. `Ok(None)`: the packet was dropped as `poll_output` would drop it (its payload
+    /// type is not negotiated).
+    ///
+    /// Sending a packet never makes the `Rtc`'s next timeout earlier, so a timeout it gave
+    /// before still stands.
+    pub fn send_rtp_now(
+        &mut self,
+        mid: Mid,
+        rtp: rtp::RtpWrite,
+        now: Instant,
+    ) -> Result<Option<net::Transmit>, rtp::RtpWrite> {
+        let Some(send) = &self.send_addr else {
+            return Err(rtp);
+        };
+        if self.state != RtcState::Alive || now < self.last_now {
+            return Err(rtp);
+        }
+        let (proto, source, destination) = (send.proto, send.source, send.destination);
+        let Some(contents) = self.session.send_rtp_now(mid, rtp, now)? else {
+            return Ok(None);
+        };
+        self.peer_bytes_tx += contents.len() as u64;
+        Ok(Some(net::Transmit {
+            proto,
+            source,
+            destination,
+            contents,
+        }))
+    }
+
     /// Send outgoing media data (frames) or request keyframes.
     ///
     /// Returns `None` if the direction isn't sending (`sendrecv` or `sendonly`).

@@ -34,11 +34,11 @@ use crate::rtp_::SeqNo;
 use crate::rtp_::SeqNoWindow;
 use crate::rtp_::{Bitrate, ExtensionMap, Goodbye, Mid, ReportList, Rtcp, RtcpFb};
 use crate::rtp_::{Dlrr, DlrrItem, ExtendedReport, ReportBlock};
-use crate::rtp_::{RtpHeader, SessionId, TwccPacketId, extend_u16};
+use crate::rtp_::{RtpHeader, SessionId, TwccClusterId, TwccPacketId, extend_u16};
 use crate::rtp_::{SrtpContext, Ssrc};
 use crate::rtp_::{TwccRecvRegister, TwccSendRegister};
 use crate::stats::StatsSnapshot;
-use crate::streams::{RtpPacket, StreamTimeoutConfig, Streams};
+use crate::streams::{RtpPacket, RtpWrite, StreamTimeoutConfig, Streams};
 use crate::util::{Soonest, SystemTimeExt, already_happened, not_happening};
 use crate::{Reason, net};
 use crate::{RtcConfig, RtcError};
@@ -1229,11 +1229,49 @@ impl Session {
     }
 
     fn poll_packet(&mut self, now: Instant) -> Option<DatagramSend> {
-        let srtp_tx = self.srtp_tx.as_mut()?;
+        self.srtp_tx.as_ref()?;
 
         // Figure out which, if any, queue to poll
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
         let (midrid, cluster_id) = self.pacer.poll_queue()?;
+        self.send_packet(midrid, cluster_id, None, now)
+    }
+
+    /// sluice: write `rtp` to `mid`'s send stream and return it protected, at once. This is
+    /// `write_rtp` followed by the `handle_timeout` and `poll_output` that would send it, for
+    /// a session whose pacer does not hold packets (no BWE) and whose stream has nothing queued
+    /// (so the order of packets is kept). Otherwise, or before SRTP is keyed, the write comes
+    /// back untouched to go the regular way. `Ok(None)`: str0m dropped it, as `poll_packet`
+    /// does (its payload type is not negotiated).
+    pub fn send_rtp_now(
+        &mut self,
+        mid: Mid,
+        rtp: RtpWrite,
+        now: Instant,
+    ) -> Result<Option<DatagramSend>, RtpWrite> {
+        let midrid = MidRid(mid, None);
+        let ready = !self.rtp_closing
+            && self.bwe.is_none()
+            && self.srtp_tx.is_some()
+            && self
+                .streams
+                .stream_tx_by_midrid(midrid)
+                .is_some_and(|s| s.can_send_now());
+        if !ready {
+            return Err(rtp);
+        }
+        Ok(self.send_packet(midrid, None, Some(rtp), now))
+    }
+
+    /// Protect the next packet of `midrid`'s stream, or `write` at once when given.
+    fn send_packet(
+        &mut self,
+        midrid: MidRid,
+        cluster_id: Option<TwccClusterId>,
+        write: Option<RtpWrite>,
+        now: Instant,
+    ) -> Option<DatagramSend> {
+        let srtp_tx = self.srtp_tx.as_mut()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
         let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
             trace!("Pacer pointed to mid {} which has no media", midrid.mid());
@@ -1250,7 +1288,12 @@ impl Session {
         let twcc_enabled = exts.id_of(Extension::TransportSequenceNumber).is_some();
         let twcc = twcc_enabled.then_some(&mut self.twcc);
 
-        let receipt = stream.poll_packet(now, exts, twcc, params, buf)?;
+        // A packet sent at once was never in a queue the pacer handed out.
+        let paced = write.is_none();
+        let receipt = match write {
+            Some(rtp) => stream.write_and_poll_packet(rtp, now, exts, twcc, params, buf)?,
+            None => stream.poll_packet(now, exts, twcc, params, buf)?,
+        };
 
         let PacketReceipt {
             header,
@@ -1268,7 +1311,9 @@ impl Session {
             crate::log_stat!("PACKET_SENT", header.ssrc, payload_size, kind);
         }
 
-        self.pacer.register_send(now, payload_size.into(), midrid);
+        if paced {
+            self.pacer.register_send(now, payload_size.into(), midrid);
+        }
 
         if let Some(raw_packets) = &mut self.raw_packets {
             raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));

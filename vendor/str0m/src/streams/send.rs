@@ -567,6 +567,42 @@ impl StreamTx {
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
     ) -> Option<PacketReceipt> {
+        self.poll_packet_from(now, exts, twcc, params, buf, true)
+    }
+
+    /// sluice: true once a timeout has set the stream up (its kind, for sender reports) and
+    /// nothing written is waiting, so a packet written now is the next one.
+    pub(crate) fn can_send_now(&self) -> bool {
+        self.kind.is_some() && self.send_queue.is_empty()
+    }
+
+    /// sluice: write one packet and take it straight back out of the queue (which must be
+    /// empty), skipping pending resends: the regular-packet half of `poll_packet` at `now`,
+    /// without waiting for a `handle_timeout` to stamp the queue.
+    pub(crate) fn write_and_poll_packet(
+        &mut self,
+        rtp: RtpWrite,
+        now: Instant,
+        exts: &ExtensionMap,
+        twcc: Option<&mut u64>,
+        params: &[PayloadParams],
+        buf: &mut Vec<u8>,
+    ) -> Option<PacketReceipt> {
+        debug_assert!(self.send_queue.is_empty());
+        self.write_rtp(rtp);
+        self.send_queue.handle_timeout(now);
+        self.poll_packet_from(now, exts, twcc, params, buf, false)
+    }
+
+    fn poll_packet_from(
+        &mut self,
+        now: Instant,
+        exts: &ExtensionMap,
+        twcc: Option<&mut u64>,
+        params: &[PayloadParams],
+        buf: &mut Vec<u8>,
+        resends: bool,
+    ) -> Option<PacketReceipt> {
         let mid = self.midrid.mid();
         let rid = self.midrid.rid();
         let is_probe = self.ssrc.is_probe();
@@ -577,7 +613,12 @@ impl StreamTx {
         let remote_acked_ssrc = self.remote_acked_ssrc;
         let remote_acked_rtx_ssrc = self.remote_acked_rtx_ssrc;
 
-        let (next, is_padding) = if let Some(next) = self.poll_packet_resend(now) {
+        let resend = if resends {
+            self.poll_packet_resend(now)
+        } else {
+            None
+        };
+        let (next, is_padding) = if let Some(next) = resend {
             (next, false)
         } else if let Some(next) = self.poll_packet_regular(now) {
             (next, false)
