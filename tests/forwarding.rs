@@ -100,6 +100,19 @@ fn fanout_to_six(io: IoBackend) {
     }
 }
 
+/// The distinct video sequence numbers a client received, in order.
+fn video_seqs(c: &Client) -> Vec<u64> {
+    let mut seqs: Vec<u64> = c
+        .received()
+        .iter()
+        .filter(|r| r.video)
+        .map(|r| r.seq)
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs
+}
+
 /// A viewer that loses every 10th RTP datagram still gets every video packet: it sends NACKs, and
 /// sluice resends from its copies of what it sent (RTX). Those copies are kept whether a packet
 /// was protected at once or went through str0m's queue.
@@ -120,14 +133,7 @@ fn lost_video_is_resent() {
     // Time for the last NACKs and their resends.
     std::thread::sleep(Duration::from_secs(1));
     let lost = viewer.state.lost_rtp.load(Ordering::Relaxed);
-    let mut seqs: Vec<u64> = viewer
-        .received()
-        .iter()
-        .filter(|r| r.video)
-        .map(|r| r.seq)
-        .collect();
-    seqs.sort_unstable();
-    seqs.dedup();
+    let seqs = video_seqs(&viewer);
     let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
     let missing = span - seqs.len() as u64;
     assert!(lost >= 20, "the viewer lost only {lost} datagrams");
@@ -323,17 +329,7 @@ fn ice_restart_moves_a_viewer_to_a_new_address() {
     // Packets in flight to the old address during the move are lost, then repaired by NACK
     // from sluice's send buffer: the 40 sequence numbers around the move all arrive (the window
     // is fixed now; repairs may still be on their way on a busy machine).
-    let seqs = || {
-        let mut seqs: Vec<u64> = viewer
-            .received()
-            .iter()
-            .filter(|r| r.video)
-            .map(|r| r.seq)
-            .collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        seqs
-    };
+    let seqs = || video_seqs(&viewer);
     let newest = *seqs().last().unwrap();
     let wanted = newest - 60..newest - 20;
     let have = || -> Vec<u64> { seqs().into_iter().filter(|s| wanted.contains(s)).collect() };
