@@ -994,7 +994,7 @@ impl ShardState {
             self.forwarded_arrivals.append(&mut peer.written_arrivals);
             // Each packet is protected at once where str0m allows it (no pacer, nothing queued
             // before it); the rest are queued, and a timeout and a drain send them.
-            let mut queued = false;
+            let mut queued = std::mem::take(&mut peer.queued);
             for (mid, write) in peer.writes.drain(..) {
                 match peer.rtc.send_rtp_now(mid, write, now) {
                     Ok(Some(t)) => {

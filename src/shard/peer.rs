@@ -38,6 +38,11 @@ pub struct Peer {
     pub written: bool,
     /// The packets given this turn, per mid, in order, until `send_written` sends them.
     pub writes: Vec<(Mid, RtpWrite)>,
+    /// The `Rtc` has a bandwidth estimator: its pacer decides when packets go, so they are
+    /// written to str0m's queue as they are forwarded, not kept in `writes`.
+    pub paced: bool,
+    /// Packets went to str0m's queue this turn: a timeout and a drain must follow.
+    pub queued: bool,
     /// Arrival time of each packet written this turn, until it is sent.
     pub written_arrivals: Vec<Instant>,
     /// 5-tuples (socket, remote) this peer is reached on.
@@ -97,6 +102,7 @@ impl Peer {
         let publisher = p.publisher;
         let max = p.max_layer;
         let rtc = &p.rtc;
+        let paced = rtc.has_bwe();
         let tracks = p
             .tracks
             .iter()
@@ -137,6 +143,8 @@ impl Peer {
             deadline: None,
             written: false,
             writes: Vec::new(),
+            paced,
+            queued: false,
             written_arrivals: Vec::new(),
             sources: Vec::with_capacity(2),
             nacks: Vec::new(),
@@ -246,9 +254,10 @@ impl Peer {
                 };
                 let mid = t.mid;
                 let video = t.track.is_video();
-                if self.rtc.direct_api().stream_tx_by_mid(mid, None).is_none() {
+                let mut api = self.rtc.direct_api();
+                let Some(tx) = api.stream_tx_by_mid(mid, None) else {
                     return Forwarded::Skipped;
-                }
+                };
                 let ext = ExtensionValues {
                     audio_level: packet.audio_level,
                     voice_activity: packet.voice_activity,
@@ -267,7 +276,18 @@ impl Peer {
                 if let Some(patch) = patch {
                     write = write.vp8_patch(patch);
                 }
-                self.writes.push((mid, write));
+                if self.paced {
+                    // str0m's pacer looks at its queues on every timeout of this `Rtc` (its
+                    // own timer, its feedback arriving) and, finding them empty, may schedule
+                    // padding or a probe that goes before media queued later. So a paced
+                    // subscriber's packets go to str0m as they are forwarded, as before the
+                    // fast path (held until `send_written`, they made chromium-simulcast-tc
+                    // fail more often than not).
+                    tx.write_rtp(write);
+                    self.queued = true;
+                } else {
+                    self.writes.push((mid, write));
+                }
                 Forwarded::Sent
             }
             Decision::Drop(reason) => Forwarded::Dropped {

@@ -1459,6 +1459,12 @@ impl Rtc {
         DirectApi::new(self)
     }
 
+    /// sluice: whether this `Rtc` estimates its egress bandwidth ([`RtcConfig::enable_bwe`]),
+    /// so that its pacer decides when queued packets go (and [`Rtc::send_rtp_now`] declines).
+    pub fn has_bwe(&self) -> bool {
+        self.session.has_bwe()
+    }
+
     /// sluice: write one RTP packet to `mid`'s send stream and get it back protected, ready to
     /// send, without waiting for a [`Rtc::handle_input`] timeout and [`Rtc::poll_output`].
     ///

@@ -1237,6 +1237,11 @@ impl Session {
         self.send_packet(midrid, cluster_id, None, now)
     }
 
+    /// sluice: a bandwidth estimator, and so a pacer that may hold packets back.
+    pub fn has_bwe(&self) -> bool {
+        self.bwe.is_some()
+    }
+
     /// sluice: write `rtp` to `mid`'s send stream and return it protected, at once. This is
     /// `write_rtp` followed by the `handle_timeout` and `poll_output` that would send it, for
     /// a session whose pacer does not hold packets (no BWE) and whose stream has nothing queued
@@ -1251,7 +1256,7 @@ impl Session {
     ) -> Result<Option<DatagramSend>, RtpWrite> {
         let midrid = MidRid(mid, None);
         let ready = !self.rtp_closing
-            && self.bwe.is_none()
+            && !self.has_bwe()
             && self.srtp_tx.is_some()
             && self
                 .streams
