@@ -137,9 +137,15 @@ pub struct MaxLayer {
 pub struct LayerSelectorConfig {
     /// Taken off the estimate before video gets any: audio is never sacrificed for video.
     pub audio_reserve_bps: u64,
-    /// Switch down (or pause, below the lowest layer) as soon as the video budget is below
-    /// the layer's bitrate × this percentage.
+    /// Switch down as soon as the video budget is below the layer's bitrate × this
+    /// percentage (below the lowest layer's, see [`pause_hold`](Self::pause_hold)).
     pub downswitch_margin_pct: u32,
+    /// Pause video only once the budget has stayed below the lowest layer (by the margin
+    /// above) this long, unbroken; meanwhile the lowest layer is forwarded. An estimate
+    /// collapses for a moment after a loss burst (a keyframe or a probe through a full
+    /// bottleneck queue) and recovers while media flows: blanking the picture on the first
+    /// low sample leaves nothing to recover with but padding.
+    pub pause_hold: Duration,
     /// Switch up (or resume) only once the video budget has stayed at or above the layer's
     /// bitrate × (100 + this) % for [`upswitch_hold`](Self::upswitch_hold).
     pub upswitch_hysteresis_pct: u32,
@@ -156,6 +162,7 @@ impl Default for LayerSelectorConfig {
         Self {
             audio_reserve_bps: 64_000,
             downswitch_margin_pct: 100,
+            pause_hold: Duration::from_secs(2),
             upswitch_hysteresis_pct: 15,
             upswitch_hold: Duration::from_millis(2_500),
             keyframe_interval: Duration::from_millis(500),
@@ -235,8 +242,8 @@ struct Layer {
 /// keeps flowing. Downswitches are immediate (the estimate call that drops below
 /// the current layer's bitrate × margin sets the lower target); upswitches wait until the
 /// estimate has stayed above the higher layer's bitrate × (1 + hysteresis) for the hold time.
-/// When even the lowest layer does not fit, video pauses (audio keeps its reserve), and resumes
-/// by the same hysteresis.
+/// When even the lowest layer has not fitted for [`LayerSelectorConfig::pause_hold`], video
+/// pauses (audio keeps its reserve), and resumes by the same hysteresis.
 ///
 /// # Call-order contract
 ///
@@ -277,6 +284,9 @@ pub struct LayerSelector {
     hold_backoff: u32,
     /// The last upswitch decided by the estimate, while it may still fail.
     last_upswitch: Option<Instant>,
+    /// Since when the budget has not kept even the lowest layer, unbroken (see
+    /// [`LayerSelectorConfig::pause_hold`]).
+    short_since: Option<Instant>,
     /// When a hold completes: evaluate again then.
     wake_at: Option<Instant>,
     throttles: [KeyframeThrottle; MAX_LAYERS],
@@ -305,6 +315,7 @@ impl LayerSelector {
             comfortable_since: [None; MAX_LAYERS],
             hold_backoff: 0,
             last_upswitch: None,
+            short_since: None,
             wake_at: None,
             throttles: std::array::from_fn(|_| KeyframeThrottle::new(cfg.keyframe_interval)),
             events: [None; EVENT_CAPACITY],
@@ -580,6 +591,7 @@ impl LayerSelector {
         let allowed = self.allowed();
         if allowed == 0 {
             // Nothing live to choose from: nothing to forward, and no bandwidth question.
+            self.short_since = None;
             return;
         }
         let lowest = lowest(allowed);
@@ -594,7 +606,12 @@ impl LayerSelector {
             self.schedule_wake(allowed, now);
             return;
         }
-        if !self.keeps(lowest, budget) {
+        if self.keeps(lowest, budget) {
+            self.short_since = None;
+        } else if now.saturating_duration_since(*self.short_since.get_or_insert(now))
+            >= self.cfg.pause_hold
+        {
+            self.short_since = None;
             self.paused = true;
             self.pauses += 1;
             self.target = None;
@@ -649,7 +666,7 @@ impl LayerSelector {
         self.schedule_wake(allowed, now);
     }
 
-    /// Sets `wake_at` to when the next hold that could move us up completes.
+    /// Sets `wake_at` to when the next hold that could move us up, or pause us, completes.
     fn schedule_wake(&mut self, allowed: u8, now: Instant) {
         let hold = self.hold();
         let above = match (self.paused, self.target) {
@@ -660,6 +677,10 @@ impl LayerSelector {
             .filter(|&i| allowed & (1 << i) != 0)
             .filter_map(|i| self.comfortable_since[i])
             .map(|since| since.checked_add(hold).unwrap_or(since))
+            .chain(
+                self.short_since
+                    .map(|since| since.checked_add(self.cfg.pause_hold).unwrap_or(since)),
+            )
             .filter(|&at| at > now)
             .min();
     }
@@ -1339,7 +1360,7 @@ mod tests {
     }
 
     #[test]
-    fn pause_below_the_lowest_layer_keeps_audio_and_resumes_with_hysteresis() {
+    fn pause_below_the_lowest_layer_waits_the_hold_keeps_audio_and_resumes_with_hysteresis() {
         let trace = |t: Duration| match t.as_secs() {
             0..5 => 1_000_000,
             // Above low's 150 kbit/s, but not once audio's 64 kbit/s are kept.
@@ -1351,30 +1372,59 @@ mod tests {
         let mut sim = Sim::new(MaxLayer::default());
         sim.run(secs(25.0), trace);
         let s = sim.switches();
-        assert_eq!(s.len(), 3, "{s:?}");
+        assert_eq!(s.len(), 4, "{s:?}");
         start_on(&sim, 1);
+        // Down to the lowest layer at once; paused only once it has not fitted for the hold.
         assert_eq!(
             (s[1].0, s[1].1, s[1].2),
-            (Some(1), None, SwitchReason::Pause)
+            (Some(1), Some(0), SwitchReason::Estimate)
         );
-        assert!(s[1].3 >= secs(5.0) && s[1].3 < secs(5.0) + FRAME);
+        assert!(s[1].3 >= secs(5.0) && s[1].3 < secs(5.0) + KEYFRAME_DELAY + 2 * FRAME);
         assert_eq!(
             (s[2].0, s[2].1, s[2].2),
+            (Some(0), None, SwitchReason::Pause)
+        );
+        assert!(s[2].3 >= secs(7.0) && s[2].3 < secs(7.0) + FRAME);
+        assert_eq!(sim.forwarded_at(secs(6.5)), Some(0));
+        assert_eq!(
+            (s[3].0, s[3].1, s[3].2),
             (None, Some(0), SwitchReason::Resume)
         );
-        assert!(s[2].3 >= secs(17.5) && s[2].3 < secs(17.5) + KEYFRAME_DELAY + 2 * FRAME);
+        assert!(s[3].3 >= secs(17.5) && s[3].3 < secs(17.5) + KEYFRAME_DELAY + 2 * FRAME);
         // Nothing goes out while paused, and nothing is asked for.
-        for at in [5.1, 9.0, 12.0, 17.4] {
+        for at in [7.1, 9.0, 12.0, 17.4] {
             assert_eq!(sim.forwarded_at(secs(at)), None, "at {at}");
         }
-        sim.assert_forwarding_from(s[2].3, Some(0));
-        assert_eq!(sim.request_layers(), [1, 0]);
+        sim.assert_forwarding_from(s[3].3, Some(0));
+        assert_eq!(sim.request_layers(), [1, 0, 0]);
         assert!(
-            sim.requests[1].0 >= secs(17.5),
+            sim.requests[2].0 >= secs(17.5),
             "asked when resuming, not before"
         );
-        assert_eq!((sim.sel.pause_count(), sim.sel.switch_count()), (1, 0));
+        assert_eq!((sim.sel.pause_count(), sim.sel.switch_count()), (1, 1));
         assert!(!sim.sel.paused());
+    }
+
+    #[test]
+    fn a_dip_below_the_lowest_layer_shorter_than_the_hold_does_not_pause() {
+        // A loss burst: the estimate collapses for 1.5 s after a failed upswitch, then recovers.
+        let trace = |t: Duration| match t.as_millis() {
+            0..5_000 => 300_000,
+            5_000..6_500 => 120_000,
+            _ => 300_000,
+        };
+        let mut sim = Sim::new(MaxLayer::default());
+        sim.run(secs(12.0), trace);
+        let s = sim.switches();
+        assert!(
+            s.iter().all(|e| e.2 != SwitchReason::Pause),
+            "no pause: {s:?}"
+        );
+        assert_eq!(sim.sel.pause_count(), 0);
+        // The lowest layer goes on through the dip.
+        for at in [5.5, 6.0, 6.4] {
+            assert_eq!(sim.forwarded_at(secs(at)), Some(0), "at {at}");
+        }
     }
 
     #[test]
@@ -1386,6 +1436,10 @@ mod tests {
             s.layer_live(i, true, t);
         }
         s.estimate(100_000, t);
+        assert!(!s.paused(), "pause waits for the hold");
+        assert_eq!(s.poll_timeout(), Some(t + ms(2_000)));
+        let t = t + ms(2_000);
+        s.handle_timeout(t);
         assert!(s.paused());
         assert_eq!(s.poll_keyframe_request(t), None);
         assert_eq!(
@@ -1494,6 +1548,8 @@ mod tests {
         for i in 0..20u64 {
             let at = t + Duration::from_secs(10 * i);
             s.estimate(10_000, at);
+            let at = at + ms(2_000);
+            s.estimate(10_000, at);
             s.estimate(1_000_000, at);
             s.handle_timeout(at + ms(2_500));
             assert_eq!(
@@ -1557,6 +1613,7 @@ mod tests {
             [
                 (Some(2), Start),
                 (Some(1), Estimate),
+                (Some(0), Estimate),
                 (None, Pause),
                 // Everything has fitted since 12 s: the resume hold covers every layer.
                 (Some(2), Resume),
