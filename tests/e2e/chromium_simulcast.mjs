@@ -146,7 +146,7 @@ window.outbound = async () => {
   const o = {};
   for (const r of (await window.pc.getStats()).values()) {
     if (r.type === 'outbound-rtp' && r.kind === 'video') {
-      o[r.rid] = { w: r.frameWidth || 0, fps: r.framesPerSecond || 0, limit: r.qualityLimitationReason };
+      o[r.rid] = { w: r.frameWidth || 0, fps: r.framesPerSecond || 0, limit: r.qualityLimitationReason, sent: r.framesEncoded || 0 };
     }
   }
   return o;
@@ -206,7 +206,7 @@ async function until(ms, probe, ok, show) {
   let n = 0;
   while (Date.now() < end) {
     last = await probe();
-    if (show && n++ % 4 === 0) show(last);
+    if (show && n++ % 4 === 0) await show(last);
     if (ok(last)) return { value: last, ok: true };
     await sleep(500);
   }
@@ -274,7 +274,7 @@ async function main() {
       }
       since = null;
       return false;
-    }, (s) => log(`limited viewer ${JSON.stringify(s)}`));
+    }, async (s) => log(`limited viewer ${JSON.stringify(s)}; publisher ${JSON.stringify(await pub.evaluate(() => window.outbound()))}`));
     if (!settled.ok) {
       log(`limited viewer stats:\n${await v.evaluate(() => window.dump())}`);
       throw new Fail(`the limited viewer did not settle on a layer <= 640 wide: ${JSON.stringify(settled.value)}`);
@@ -282,7 +282,10 @@ async function main() {
     const s = settled.value;
     const fps = (s.decoded - start.decoded) / (checkMs / 1000);
     log(`settled: ${JSON.stringify(s)}; ${fps.toFixed(1)} frames/s, ${s.freezes - start.freezes} freezes over ${checkMs / 1000} s`);
-    if (fps < 10) throw new Fail(`the limited viewer decodes only ${fps.toFixed(1)} frames/s on the low layer`);
+    if (fps < 10) {
+      log(`limited viewer stats:\n${await v.evaluate(() => window.dump())}`);
+      throw new Fail(`the limited viewer decodes only ${fps.toFixed(1)} frames/s on the low layer`);
+    }
     if (s.freezes - start.freezes > 3) throw new Fail(`the limited viewer froze ${s.freezes - start.freezes} times`);
     // The average above could hide a stream that stopped at the end of the window.
     await sleep(1000);

@@ -45,7 +45,7 @@
 # in $E2E_LOG_DIR (default: a fresh temp dir); failed tests' logs are also copied to stderr, and
 # E2E_VERBOSE=1 streams every test's output to stderr as it runs.
 #
-# Environment: SLUICE_URL (required, loopback only), SLUICE_TOKEN, SLUICE_BIN (chromium-simulcast-tc), E2E_LOG_DIR, E2E_VERBOSE,
+# Environment: SLUICE_URL (required, loopback only), SLUICE_TOKEN, SLUICE_BIN (chromium-simulcast-tc), E2E_RETRIES (default 1), E2E_LOG_DIR, E2E_VERBOSE,
 # E2E_TEST_TIMEOUT (seconds per test, default 120), CHROMIUM (default /usr/bin/chromium),
 # SLUICE_MEDIA_PORTS (chromium-flood: every media port of sluice, e.g. 41000,41001; without it the
 # flood goes to the ports in the test's SDP answers, i.e. only the shards its sessions landed on),
@@ -87,6 +87,17 @@ if [ "$#" -gt 0 ]; then
     done
 else
     TESTS=("${ALL_TESTS[@]}")
+fi
+
+# Tests run again once when they fail: chromium-simulcast-tc judges real bandwidth estimation
+# (Chromium's encoder, str0m's estimator and a tc bottleneck) within fixed times, and fails
+# now and then on a healthy build (tests/e2e/README.md has the rates measured). A pass on the
+# second attempt says so, with the first attempt's reason; its log is kept next to the last.
+RETRIED=(chromium-simulcast-tc)
+RETRIES="${E2E_RETRIES:-1}"
+if ! [[ "$RETRIES" =~ ^[0-9]$ ]]; then
+    echo "E2E_RETRIES must be 0 to 9: $RETRIES" >&2
+    exit 2
 fi
 
 LOG_DIR="${E2E_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/sluice-e2e.XXXXXX")}"
@@ -162,24 +173,37 @@ for t in "${TESTS[@]}"; do
     fi
     command_for "$t"
     start=$(date +%s)
-    if [ "${E2E_VERBOSE:-0}" = 1 ]; then
-        timeout -k 10 "$PER_TEST_TIMEOUT" "${CMD[@]}" </dev/null 2>&1 | tee "$log" >&2
-        rc=${PIPESTATUS[0]}
-    else
-        timeout -k 10 "$PER_TEST_TIMEOUT" "${CMD[@]}" </dev/null >"$log" 2>&1
-        rc=$?
-    fi
-    secs=$(( $(date +%s) - start ))
-    if [ "$rc" -eq 0 ]; then
-        echo "PASS $t"
-        passed=$((passed + 1))
-    else
+    attempts=1
+    [[ " ${RETRIED[*]} " == *" $t "* ]] && attempts=$((1 + RETRIES))
+    first_reason=""
+    for attempt in $(seq 1 "$attempts"); do
+        [ "$attempt" -gt 1 ] && mv "$log" "$LOG_DIR/$t.attempt$((attempt - 1)).log"
+        if [ "${E2E_VERBOSE:-0}" = 1 ]; then
+            timeout -k 10 "$PER_TEST_TIMEOUT" "${CMD[@]}" </dev/null 2>&1 | tee "$log" >&2
+            rc=${PIPESTATUS[0]}
+        else
+            timeout -k 10 "$PER_TEST_TIMEOUT" "${CMD[@]}" </dev/null >"$log" 2>&1
+            rc=$?
+        fi
+        [ "$rc" -eq 0 ] && break
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             reason="timed out after ${PER_TEST_TIMEOUT} s"
         else
             reason="$(grep -a '^FAIL: ' "$log" | tail -1 | sed 's/^FAIL: //')"
             [ -n "$reason" ] || reason="exit code $rc: $(grep -av '^\s*$' "$log" | tail -1 | cut -c1-300)"
         fi
+        [ -n "$first_reason" ] || first_reason="$reason"
+        [ "$attempt" -lt "$attempts" ] && echo "RETRY $t: attempt $attempt of $attempts failed: $reason"
+    done
+    secs=$(( $(date +%s) - start ))
+    if [ "$rc" -eq 0 ]; then
+        if [ -n "$first_reason" ]; then
+            echo "PASS $t (attempt $attempt of $attempts; attempt 1 failed: $first_reason)"
+        else
+            echo "PASS $t"
+        fi
+        passed=$((passed + 1))
+    else
         echo "FAIL $t: $reason"
         failed=$((failed + 1))
         failed_logs+=("$log")
