@@ -1407,7 +1407,7 @@ mod tests {
 
     #[test]
     fn a_dip_below_the_lowest_layer_shorter_than_the_hold_does_not_pause() {
-        // A loss burst: the estimate collapses for 1.5 s after a failed upswitch, then recovers.
+        // A loss burst: the estimate collapses for 1.5 s, then recovers.
         let trace = |t: Duration| match t.as_millis() {
             0..5_000 => 300_000,
             5_000..6_500 => 120_000,

@@ -993,8 +993,9 @@ impl ShardState {
             peer.written = false;
             self.forwarded_arrivals.append(&mut peer.written_arrivals);
             // Each packet is protected at once where str0m allows it (no pacer, nothing queued
-            // before it); the rest are queued, and a timeout and a drain send them.
-            let mut queued = std::mem::take(&mut peer.queued);
+            // before it); the rest are queued, and a timeout and a drain send them. A subscriber
+            // with a pacer had its packets queued as they were forwarded (`Peer::forward`).
+            let mut queued = peer.rtc.has_bwe();
             for (mid, write) in peer.writes.drain(..) {
                 match peer.rtc.send_rtp_now(mid, write, now) {
                     Ok(Some(t)) => {

@@ -36,13 +36,9 @@ pub struct Peer {
     pub deadline: Option<Instant>,
     /// Given packets this turn that str0m has not sent yet (see `ShardState::send_written`).
     pub written: bool,
-    /// The packets given this turn, per mid, in order, until `send_written` sends them.
+    /// The packets given this turn, per mid, in order, until `send_written` sends them (only
+    /// without a bandwidth estimator: with one, `forward` writes them to str0m's queue).
     pub writes: Vec<(Mid, RtpWrite)>,
-    /// The `Rtc` has a bandwidth estimator: its pacer decides when packets go, so they are
-    /// written to str0m's queue as they are forwarded, not kept in `writes`.
-    pub paced: bool,
-    /// Packets went to str0m's queue this turn: a timeout and a drain must follow.
-    pub queued: bool,
     /// Arrival time of each packet written this turn, until it is sent.
     pub written_arrivals: Vec<Instant>,
     /// 5-tuples (socket, remote) this peer is reached on.
@@ -102,7 +98,6 @@ impl Peer {
         let publisher = p.publisher;
         let max = p.max_layer;
         let rtc = &p.rtc;
-        let paced = rtc.has_bwe();
         let tracks = p
             .tracks
             .iter()
@@ -143,8 +138,6 @@ impl Peer {
             deadline: None,
             written: false,
             writes: Vec::new(),
-            paced,
-            queued: false,
             written_arrivals: Vec::new(),
             sources: Vec::with_capacity(2),
             nacks: Vec::new(),
@@ -254,6 +247,7 @@ impl Peer {
                 };
                 let mid = t.mid;
                 let video = t.track.is_video();
+                let paced = self.rtc.has_bwe();
                 let mut api = self.rtc.direct_api();
                 let Some(tx) = api.stream_tx_by_mid(mid, None) else {
                     return Forwarded::Skipped;
@@ -276,15 +270,14 @@ impl Peer {
                 if let Some(patch) = patch {
                     write = write.vp8_patch(patch);
                 }
-                if self.paced {
+                if paced {
                     // str0m's pacer looks at its queues on every timeout of this `Rtc` (its
                     // own timer, its feedback arriving) and, finding them empty, may schedule
                     // padding or a probe that goes before media queued later. So a paced
                     // subscriber's packets go to str0m as they are forwarded, as before the
                     // fast path (held until `send_written`, they made chromium-simulcast-tc
-                    // fail more often than not).
+                    // fail half the time).
                     tx.write_rtp(write);
-                    self.queued = true;
                 } else {
                     self.writes.push((mid, write));
                 }
