@@ -4,9 +4,9 @@
 //! every publisher packet (at `--rate` per second) it sends one datagram of `--size` bytes to
 //! each of N receiver sockets on loopback, from one unconnected socket, `--batch` destinations
 //! per `sendmmsg` (sluice submits its sends in chunks of `media.send_chunk` subscribers), and
-//! sleeps between packets as an SFU idles. A receiver thread drains the N sockets through epoll,
-//! as the load generator's clients do, so each datagram costs its loopback delivery and the
-//! receiver's wakeups, which on loopback are charged to the sending CPU, as they are to sluice.
+//! sleeps between packets as an SFU idles. A receiver thread drains the N sockets through an
+//! epoll set that it polls as the load generator's clients do (`--rx-poll-us`), so each
+//! datagram costs the sending CPU its loopback delivery, as it costs sluice.
 //!
 //! The sender's own CPU time over the datagrams it sent is the kernel's cost per egress packet
 //! on this machine: `egress_pps_per_cpu_second` is the ceiling for any SFU that sends each packet
@@ -32,6 +32,9 @@ pub struct FloorConfig {
     /// Pin the sender (the SFU's CPU) and the receiver (the load generator's) here.
     pub send_cpu: Option<usize>,
     pub recv_cpu: Option<usize>,
+    /// The receiver looks for datagrams this often (as the clients do, `--rx-poll-us`); none:
+    /// it sleeps in `epoll_wait`, and each wakeup is charged to the sender.
+    pub rx_poll: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +44,8 @@ pub struct FloorSummary {
     pub subscribers: usize,
     pub size_bytes: usize,
     pub batch: usize,
+    /// As the clients' `--rx-poll-us` (0: the receiver slept in `epoll_wait`).
+    pub rx_poll_us: u64,
     pub packets_sent: u64,
     pub packets_received: u64,
     pub delivered_ratio: f64,
@@ -92,6 +97,7 @@ pub fn summarize(
         subscribers: cfg.subscribers,
         size_bytes: cfg.size,
         batch: cfg.batch,
+        rx_poll_us: cfg.rx_poll.map_or(0, |d| d.as_micros() as u64),
         packets_sent: sent,
         packets_received: received,
         delivered_ratio: if sent == 0 {
@@ -149,13 +155,14 @@ pub fn run(cfg: &FloorConfig) -> Result<FloorSummary, String> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let recv_stop = stop.clone();
     let recv_cpu = cfg.recv_cpu;
+    let rx_poll = cfg.rx_poll;
     let receiver = std::thread::Builder::new()
         .name("floor-recv".into())
         .spawn(move || {
             if let Some(cpu) = recv_cpu {
                 pin(cpu)?;
             }
-            receive(&receivers, &recv_stop)
+            receive(&receivers, &recv_stop, rx_poll)
         })
         .map_err(|e| e.to_string())?;
 
@@ -286,7 +293,11 @@ fn send(cfg: &FloorConfig, socket: &UdpSocket, dests: &[SocketAddr]) -> Result<S
     Ok((window, sent, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1)))
 }
 
-fn receive(sockets: &[UdpSocket], stop: &std::sync::atomic::AtomicBool) -> Result<u64, String> {
+fn receive(
+    sockets: &[UdpSocket],
+    stop: &std::sync::atomic::AtomicBool,
+    poll: Option<Duration>,
+) -> Result<u64, String> {
     // SAFETY: plain epoll calls on descriptors this function's caller owns for its duration;
     // the event buffer is a live local array.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -295,7 +306,7 @@ fn receive(sockets: &[UdpSocket], stop: &std::sync::atomic::AtomicBool) -> Resul
     }
     for (i, s) in sockets.iter().enumerate() {
         let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
             u64: i as u64,
         };
         // SAFETY: as above.
@@ -310,9 +321,18 @@ fn receive(sockets: &[UdpSocket], stop: &std::sync::atomic::AtomicBool) -> Resul
     let mut buf = vec![0u8; 65_536];
     let mut received = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // Polling, nobody waits in the set, so a datagram's arrival wakes nobody (see
+        // `crate::udp::Poller`); sleeping in it, each wakeup costs the sender an interrupt.
+        let timeout = if poll.is_some() { 0 } else { 50 };
         // SAFETY: as above.
-        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 50) };
-        for ev in &events[..n.max(0) as usize] {
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };
+        if n <= 0 {
+            if let Some(p) = poll {
+                std::thread::sleep(p);
+            }
+            continue;
+        }
+        for ev in &events[..n as usize] {
             let s = &sockets[ev.u64 as usize];
             while s.recv(&mut buf).is_ok() {
                 received += 1;
@@ -337,6 +357,7 @@ mod tests {
             duration: Duration::from_millis(300),
             send_cpu: None,
             recv_cpu: None,
+            rx_poll: Some(Duration::from_micros(200)),
         }
     }
 

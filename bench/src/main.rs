@@ -135,6 +135,10 @@ enum ScenarioCmd {
         /// Pin the receiving thread to this CPU.
         #[arg(long)]
         recv_cpu: Option<usize>,
+        /// As the scenarios' --rx-poll-us: the receiver looks for datagrams this often; 0
+        /// sleeps in epoll_wait, and every wakeup is charged to the sending CPU.
+        #[arg(long, default_value_t = 200)]
+        rx_poll_us: u64,
         /// Write the summary as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -194,6 +198,14 @@ struct Common {
     /// Joins in progress (POST to DTLS connected) per loadgen core.
     #[arg(long, default_value_t = 16)]
     max_concurrent_joins: u64,
+    /// How often, in microseconds, a core looks for datagrams on its peers' sockets (one
+    /// non-blocking epoll_wait over all of them). 0: each peer arms a receive on glommio's
+    /// io_uring instead, whose completions the kernel signals with an interrupt from the CPU
+    /// that delivered the datagram, which on loopback charges the SFU's CPU for the load
+    /// generator's wakeups (bench/README.md, "Receiving"). Latency is measured from the
+    /// kernel's arrival stamp either way.
+    #[arg(long, default_value_t = 200)]
+    rx_poll_us: u64,
     /// Stream names are PREFIX<pid>-<publisher>.
     #[arg(long, default_value = "lg-")]
     stream_prefix: String,
@@ -222,6 +234,9 @@ impl Common {
         if self.cores == 0 {
             return Err("--cores must be at least 1".into());
         }
+        if self.rx_poll_us > 100_000 {
+            return Err("--rx-poll-us above 100000 (0.1 s) would delay feedback to the SFU".into());
+        }
         Ok(Options {
             url: self.url.trim_end_matches('/').to_string(),
             duration: Duration::from_secs_f64(self.duration),
@@ -234,6 +249,7 @@ impl Common {
             join_timeout: Duration::from_secs_f64(self.join_timeout),
             join_rate: self.join_rate,
             max_concurrent_joins: self.max_concurrent_joins,
+            rx_poll: (self.rx_poll_us > 0).then(|| Duration::from_micros(self.rx_poll_us)),
             plan: MediaPlan {
                 video: video.then_some(VideoConfig {
                     bitrate_bps: self.video_bitrate,
@@ -285,6 +301,7 @@ fn main() {
             duration,
             send_cpu,
             recv_cpu,
+            rx_poll_us,
             json,
         } => {
             let cfg = floor::FloorConfig {
@@ -295,6 +312,7 @@ fn main() {
                 duration: window_or_exit(duration),
                 send_cpu,
                 recv_cpu,
+                rx_poll: (rx_poll_us > 0).then(|| Duration::from_micros(rx_poll_us)),
             };
             let summary = floor::run(&cfg).unwrap_or_else(|e| {
                 eprintln!("error: {e}");

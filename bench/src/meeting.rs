@@ -166,7 +166,8 @@ impl Participant {
             s.store(started_ns, Ordering::Relaxed);
         }
         let (socket, local, rtc) = client_socket(shard)?;
-        let ready = Readiness::new(&socket).map_err(|e| format!("UDP socket: {e}"))?;
+        let ready = Readiness::for_socket(&socket, shard.poller.as_ref())
+            .map_err(|e| format!("UDP socket: {e}"))?;
         let mut pairs = vec![Pair::Waiting; spec.participants as usize];
         if let Some(p) = pairs.get_mut(spec.index as usize) {
             *p = Pair::Me;

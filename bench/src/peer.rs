@@ -325,7 +325,8 @@ impl Offered {
         socket
             .connect(remote)
             .map_err(|e| format!("UDP connect to {remote}: {e}"))?;
-        let ready = Readiness::new(&socket).map_err(|e| format!("UDP socket: {e}"))?;
+        let ready = Readiness::for_socket(&socket, shard.poller.as_ref())
+            .map_err(|e| format!("UDP socket: {e}"))?;
         let answer = SdpAnswer::from_sdp_string(&answer)
             .map_err(|e| format!("{what}: bad SDP answer: {e}"))?;
         rtc.sdp_api()

@@ -97,6 +97,9 @@ pub struct Summary {
     /// `--pacing-factor` of the publishers' video (0: each frame in one burst); `None` without
     /// video.
     pub video_pacing_factor: Option<f64>,
+    /// `--rx-poll-us`: how often each loadgen core polled its peers' sockets (0: each peer
+    /// waited on the ring, and the SFU's CPU paid for the wakeups).
+    pub rx_poll_us: u64,
     pub reordered: u64,
     pub duplicates: u64,
     pub too_old: u64,

@@ -31,6 +31,9 @@ pub struct Options {
     /// Subscribers started per second (fanout, audio).
     pub join_rate: f64,
     pub max_concurrent_joins: u64,
+    /// Peers' sockets are polled this often (see `crate::udp::Poller`); none: each waits on
+    /// the ring.
+    pub rx_poll: Option<Duration>,
     pub plan: MediaPlan,
     pub stream_prefix: String,
     /// `meeting`: the room to join [default: the stream prefix and our pid].
@@ -211,6 +214,7 @@ impl Runner {
                 epoch_ns,
                 join_timeout: opts.join_timeout,
                 max_concurrent_joins: opts.max_concurrent_joins,
+                rx_poll: opts.rx_poll,
                 commands: rx,
                 events: ev_tx.clone(),
             })?;
@@ -891,6 +895,7 @@ impl Runner {
             loadgen_saturated: saturated,
             loadgen_late_frames: self.col.late_frames,
             video_pacing_factor: self.opts.plan.video.map(|v| v.pacing_factor),
+            rx_poll_us: self.opts.rx_poll.map_or(0, |d| d.as_micros() as u64),
             reordered: sum(&|r| r.counts.reordered),
             duplicates: sum(&|r| r.counts.duplicates),
             too_old: sum(&|r| r.counts.too_old),

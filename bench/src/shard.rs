@@ -49,6 +49,9 @@ pub struct ShardSetup {
     pub join_timeout: Duration,
     /// Peers of this shard between POST and DTLS-connected at once.
     pub max_concurrent_joins: u64,
+    /// Watch peers' sockets with a [`crate::udp::Poller`] read this often, instead of a
+    /// receive armed on the ring per socket (`--rx-poll-us`).
+    pub rx_poll: Option<Duration>,
     pub commands: Receiver<Command>,
     pub events: Sender<ShardEvent>,
 }
@@ -237,6 +240,8 @@ pub struct Shard {
     pub stats: RefCell<ShardStats>,
     /// Receive buffers, used by one peer at a time.
     pub rx: RefCell<crate::udp::RecvBatch>,
+    /// The peers' sockets' poller (`--rx-poll-us`), or none to wait on the ring.
+    pub poller: Option<Rc<crate::udp::Poller>>,
     events: Sender<ShardEvent>,
 }
 
@@ -274,9 +279,18 @@ async fn run(setup: ShardSetup) {
         epoch_ns,
         join_timeout,
         max_concurrent_joins,
+        rx_poll,
         commands,
         events,
     } = setup;
+    let poller = match rx_poll.map(crate::udp::Poller::new).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            // Without a poller the peers wait on the ring: slower for the SFU, but measured.
+            eprintln!("warning: shard {index}: epoll: {e}; its peers wait on the ring instead");
+            None
+        }
+    };
     let shard = Rc::new(Shard {
         index,
         target,
@@ -289,8 +303,16 @@ async fn run(setup: ShardSetup) {
         live: Cell::new(0),
         stats: RefCell::new(ShardStats::new()),
         rx: RefCell::new(Default::default()),
+        poller,
         events,
     });
+    if let Some(p) = shard.poller.clone() {
+        let s = shard.clone();
+        glommio::spawn_local(crate::udp::run_poller(p, move || {
+            s.stopping.get() && s.live.get() == 0
+        }))
+        .detach();
+    }
     let mut last_flush = Instant::now();
     'control: loop {
         loop {

@@ -2,16 +2,24 @@
 //! kernel arrival time, and the socket options that go with it. Every `unsafe` block of the load
 //! generator's networking is here.
 //!
+//! A peer waits until its socket is readable, then takes everything queued with one
+//! `recvmmsg(MSG_DONTWAIT)`. The wait is either the shard's [`Poller`] (the default: one epoll set
+//! read without blocking every `--rx-poll-us`; its comment says why) or a one-byte `MSG_PEEK`
+//! receive on glommio's ring, which is submitted with the reactor's next batch and does not
+//! consume the datagram (`--rx-poll-us 0`, and the `/ws` TCP socket).
+//!
 //! Why not `glommio::net::UdpSocket::recv_from`: for a peer that receives a few hundred packets
 //! a second almost every datagram finds the socket empty, and glommio then pays a failed
-//! non-blocking `recvmsg` plus an io_uring submission flushed on the spot (one more syscall). Here
-//! a peer waits with a one-byte `MSG_PEEK` receive on glommio's ring, which is submitted with the
-//! reactor's next batch (shared by every peer of the shard) and does not consume the datagram,
-//! then takes everything queued with one `recvmmsg(MSG_DONTWAIT)`.
+//! non-blocking `recvmsg` plus an io_uring submission flushed on the spot (one more syscall).
 
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::UdpSocket;
+use std::os::fd::OwnedFd;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use glommio::net::UnixStream;
 
@@ -62,8 +70,12 @@ fn setsockopt_int(fd: RawFd, level: i32, opt: i32, value: i32) -> io::Result<()>
 /// A wait for a datagram that can outlive one turn of a peer's loop.
 pub type ReadyWait = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>>>>;
 
-/// Waits on glommio's ring until a socket has a datagram (see the module comment).
-pub struct Readiness(std::rc::Rc<UnixStream>);
+/// Waits until a socket has a datagram: a peek on glommio's ring (see the module comment), or a
+/// slot of the shard's [`Poller`].
+pub enum Readiness {
+    Ring(Rc<UnixStream>),
+    Polled(Rc<PollSlot>),
+}
 
 impl Readiness {
     /// Also serves a TCP socket (the `/ws` signaling of `crate::ws`): a peek works on both.
@@ -77,9 +89,17 @@ impl Readiness {
         // SAFETY: `fd` is open and owned by nobody else. glommio's stream type is only used for
         // `peek`, a recv(2) with MSG_PEEK, which a datagram socket supports; no stream-specific
         // call (write, shutdown) is ever made on it.
-        Ok(Readiness(std::rc::Rc::new(unsafe {
+        Ok(Readiness::Ring(Rc::new(unsafe {
             UnixStream::from_raw_fd(fd)
         })))
+    }
+
+    /// Through the shard's poller when it has one, else on the ring.
+    pub fn for_socket(socket: &UdpSocket, poller: Option<&Rc<Poller>>) -> io::Result<Readiness> {
+        match poller {
+            Some(p) => Ok(Readiness::Polled(p.register(socket)?)),
+            None => Readiness::new(socket),
+        }
     }
 
     /// Resolves when a datagram is queued (or the socket has an error to report, such as ICMP
@@ -87,11 +107,196 @@ impl Readiness {
     /// peer keeps it across a timer that fired first instead of cancelling and re-arming the
     /// receive on the ring every time.
     pub fn wait(&self) -> ReadyWait {
-        let stream = self.0.clone();
-        Box::pin(async move {
-            let mut one = [0u8; 1];
-            stream.peek(&mut one).await.map(|_| ()).map_err(Into::into)
-        })
+        match self {
+            Readiness::Ring(stream) => {
+                let stream = stream.clone();
+                Box::pin(async move {
+                    let mut one = [0u8; 1];
+                    stream.peek(&mut one).await.map(|_| ()).map_err(Into::into)
+                })
+            }
+            Readiness::Polled(slot) => {
+                let slot = slot.clone();
+                Box::pin(std::future::poll_fn(move |cx| slot.poll_ready(cx)))
+            }
+        }
+    }
+}
+
+/// One shard's sockets, watched with one edge-triggered epoll set that a task of the shard reads
+/// without blocking every `interval`, instead of each socket arming a receive on glommio's ring.
+///
+/// Why: a receive armed on the ring completes through io_uring task work, and for a task that is
+/// not asleep the kernel signals that work with an inter-processor interrupt from the CPU that
+/// delivered the datagram. On loopback that CPU is the SFU's, so every wakeup of the load
+/// generator was charged to the SFU's CPU: about a third of sluice's CPU in a 1 x 150 fan-out on
+/// a VM whose host made those interrupts dear (perf/RESULTS.md, session 9). A datagram arriving
+/// at a socket in an epoll set that nobody is waiting in only puts the socket on the set's ready
+/// list, so the sender pays for the delivery and nothing more, as it would sending to another
+/// host. The cost is up to `interval` between a datagram's arrival and its peer reading it;
+/// latency is measured from the kernel's arrival stamp, so the figures do not include it.
+pub struct Poller {
+    epoll: OwnedFd,
+    interval: Duration,
+    /// By the index each socket was registered with (its epoll data).
+    slots: RefCell<Vec<std::rc::Weak<PollSlot>>>,
+    free: RefCell<Vec<usize>>,
+}
+
+/// A socket registered with a [`Poller`]: whether it has signalled since its peer last looked,
+/// and the peer's waker. Dropping it takes the socket out of the set.
+pub struct PollSlot {
+    /// A duplicate of the socket's descriptor, so the registration can be removed by the
+    /// descriptor it was made with even after the peer closed its own.
+    fd: OwnedFd,
+    index: usize,
+    ready: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+    poller: std::rc::Weak<Poller>,
+}
+
+impl PollSlot {
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ready.replace(false) {
+            return Poll::Ready(Ok(()));
+        }
+        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn signal(&self) {
+        self.ready.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        // SAFETY: removes our own descriptor from an epoll set we created; both stay open for
+        // the call. A failure only means it was already gone.
+        if let Some(p) = self.poller.upgrade() {
+            unsafe {
+                libc::epoll_ctl(
+                    p.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                )
+            };
+            p.free.borrow_mut().push(self.index);
+        }
+    }
+}
+
+impl Poller {
+    pub fn new(interval: Duration) -> io::Result<Rc<Poller>> {
+        // SAFETY: plain system call; on success the descriptor is ours and is owned below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Rc::new(Poller {
+            // SAFETY: `fd` is open and owned by nobody else.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            interval,
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+        }))
+    }
+
+    fn register(self: &Rc<Self>, socket: &impl AsRawFd) -> io::Result<Rc<PollSlot>> {
+        // SAFETY: dup of an open descriptor; on success the new one is owned by the slot.
+        let fd = unsafe { libc::dup(socket.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let index = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                let mut slots = self.slots.borrow_mut();
+                slots.push(std::rc::Weak::new());
+                slots.len() - 1
+            }
+        };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLET) as u32,
+            u64: index as u64,
+        };
+        // SAFETY: adds an open descriptor to our open epoll set with a valid event.
+        if unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        } != 0
+        {
+            let e = io::Error::last_os_error();
+            self.free.borrow_mut().push(index);
+            return Err(e);
+        }
+        let slot = Rc::new(PollSlot {
+            fd,
+            index,
+            // Anything queued before the registration is read on the first wait.
+            ready: Cell::new(true),
+            waker: RefCell::new(None),
+            poller: Rc::downgrade(self),
+        });
+        self.slots.borrow_mut()[index] = Rc::downgrade(&slot);
+        Ok(slot)
+    }
+
+    /// Signal every socket that has had a datagram (or an error) since the last call; how many.
+    /// Never blocks.
+    pub fn poll_once(&self) -> usize {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut total = 0;
+        loop {
+            // SAFETY: `events` is writable for the length given; timeout 0 never blocks.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    0,
+                )
+            };
+            if n <= 0 {
+                return total;
+            }
+            for e in &events[..n as usize] {
+                let slot = self
+                    .slots
+                    .borrow()
+                    .get(e.u64 as usize)
+                    .and_then(|w| w.upgrade());
+                if let Some(s) = slot {
+                    s.signal();
+                }
+            }
+            total += n as usize;
+            if (n as usize) < events.len() {
+                return total;
+            }
+        }
+    }
+}
+
+/// The shard's polling task: signal ready sockets, then sleep `interval` when none were.
+pub async fn run_poller(poller: Rc<Poller>, stop: impl Fn() -> bool) {
+    while !stop() {
+        if poller.poll_once() == 0 {
+            glommio::timer::sleep(poller.interval).await;
+        } else {
+            // Let the peers just woken read before looking again.
+            futures_lite::future::yield_now().await;
+        }
     }
 }
 
@@ -208,6 +413,72 @@ pub fn realtime_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.connect(tx.local_addr().unwrap()).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        (rx, tx)
+    }
+
+    /// Wait for `ready` at most `limit`: true if it resolved.
+    async fn resolves(ready: &Readiness, limit: Duration) -> bool {
+        let wait = async { Some(ready.wait().await) };
+        let timer = async {
+            glommio::timer::sleep(limit).await;
+            None
+        };
+        matches!(futures_lite::future::or(wait, timer).await, Some(Ok(())))
+    }
+
+    #[test]
+    fn the_poller_wakes_a_waiting_peer_for_each_new_datagram_and_forgets_dropped_sockets() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let poller = Poller::new(Duration::from_micros(200)).unwrap();
+                let stop = Rc::new(Cell::new(false));
+                let s = stop.clone();
+                let task =
+                    glommio::spawn_local(run_poller(poller.clone(), move || s.get())).detach();
+                let (rx, tx) = pair();
+                let ready = Readiness::for_socket(&rx, Some(&poller)).unwrap();
+                let mut batch = RecvBatch::default();
+                // A new registration looks once, in case something was queued before it.
+                assert!(resolves(&ready, Duration::from_millis(100)).await);
+                assert_eq!(batch.recv(&rx).unwrap(), 0);
+                // Nothing arrives: the wait does not resolve.
+                assert!(!resolves(&ready, Duration::from_millis(20)).await);
+                // A datagram sent while the peer waits wakes it.
+                let to = rx.local_addr().unwrap();
+                let sender = glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                    tx.send_to(b"x", to).unwrap();
+                    tx
+                });
+                assert!(resolves(&ready, Duration::from_secs(2)).await);
+                let tx = sender.await;
+                assert_eq!(batch.recv(&rx).unwrap(), 1);
+                // Edge-triggered: a datagram that arrives after the peer drained wakes it again.
+                tx.send_to(b"y", to).unwrap();
+                assert!(resolves(&ready, Duration::from_secs(2)).await);
+                assert_eq!(batch.recv(&rx).unwrap(), 1);
+                // A dropped readiness leaves the set and frees its index for the next socket,
+                // which the first socket's traffic does not wake.
+                drop(ready);
+                let (rx2, _tx2) = pair();
+                let ready2 = Readiness::for_socket(&rx2, Some(&poller)).unwrap();
+                assert!(resolves(&ready2, Duration::from_millis(100)).await);
+                assert_eq!(poller.slots.borrow().len(), 1, "the index was reused");
+                tx.send_to(b"z", to).unwrap();
+                assert!(!resolves(&ready2, Duration::from_millis(20)).await);
+                stop.set(true);
+                drop(task);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 
     #[test]
     fn a_batch_holds_every_queued_datagram_with_its_arrival_time() {

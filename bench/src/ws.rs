@@ -1,6 +1,6 @@
 //! A WebSocket client for sluice's `/ws` rooms that runs on a glommio shard: TCP connect on the
 //! ring, then tungstenite (a synchronous codec) over the same connection made non-blocking, woken
-//! by the peek-on-the-ring wait the peers use for their UDP sockets (`crate::udp::Readiness`). So
+//! by a one-byte peek on the ring (`crate::udp::Readiness::new`). So
 //! a participant's signaling never leaves its shard, needs no thread or second runtime, and never
 //! blocks media: a read or write that would block returns at once and is retried when the
 //! socket is ready.
