@@ -202,8 +202,8 @@ struct Common {
     /// non-blocking epoll_wait over all of them). 0: each peer arms a receive on glommio's
     /// io_uring instead, whose completions the kernel signals with an interrupt from the CPU
     /// that delivered the datagram, which on loopback charges the SFU's CPU for the load
-    /// generator's wakeups (bench/README.md, "Receiving"). Latency is measured from the
-    /// kernel's arrival stamp either way.
+    /// generator's wakeups (bench/README.md, "Receiving without taxing the SFU"). Latency is
+    /// measured from the kernel's arrival stamp either way.
     #[arg(long, default_value_t = 200)]
     rx_poll_us: u64,
     /// Stream names are PREFIX<pid>-<publisher>.
