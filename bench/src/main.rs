@@ -304,6 +304,12 @@ fn main() {
             rx_poll_us,
             json,
         } => {
+            if rx_poll_us > 100_000 {
+                eprintln!(
+                    "error: --rx-poll-us above 100000 (0.1 s) would let the sockets overflow"
+                );
+                std::process::exit(1);
+            }
             let cfg = floor::FloorConfig {
                 subscribers,
                 rate,
