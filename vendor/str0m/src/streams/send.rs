@@ -591,6 +591,12 @@ impl StreamTx {
         debug_assert!(self.send_queue.is_empty());
         self.write_rtp(rtp);
         self.send_queue.handle_timeout(now);
+        // `poll_packet` ages the byte histories behind the resend ratio cap when it looks for
+        // resends. Skipping that look must not skip the ageing, or the history of every packet
+        // sent this way is kept for as long as the stream lives.
+        if self.rtx_ratio_cap.is_some() {
+            self.rtx_ratio_downsampled(now);
+        }
         self.poll_packet_from(now, exts, twcc, params, buf, false)
     }
 
