@@ -32,7 +32,7 @@ use crate::sfu::{
     SwitchReason, MAX_LAYERS,
 };
 use crate::{SessionId, ShardId};
-use io::{DatagramIo, IoConfig, WakeFd};
+use io::{BufferPool, DatagramIo, IoConfig, WakeFd};
 use peer::{Peer, PeerTrack};
 use timers::TimerHeap;
 
@@ -353,6 +353,8 @@ struct ShardState {
     events: tokio::sync::mpsc::Sender<ShardEvent>,
     /// Datagrams produced this turn, handed to the backend at flush.
     pending_tx: Vec<(usize, SocketAddr, Vec<u8>)>,
+    /// Buffers that forwarded packets are protected into, back from the backend once sent.
+    tx_buffers: BufferPool,
     /// Keyframe needs raised this turn (track, simulcast layer or `ANY_LAYER`), routed at the
     /// end of it.
     keyframe_needs: Vec<(TrackId, u8)>,
@@ -395,6 +397,7 @@ impl Shard {
             pool: PacketPool::new_static(8192),
             events: setup.events,
             pending_tx: Vec::with_capacity(1024),
+            tx_buffers: BufferPool::default(),
             keyframe_needs: Vec::with_capacity(64),
             scratch_subs: Vec::with_capacity(64),
             forwarded_arrivals: Vec::with_capacity(4096),
@@ -510,6 +513,7 @@ impl Shard {
             Ok(s) => self.st.counters.add(Counter::SendErrors, s.errors as u64),
             Err(e) => tracing::warn!(shard = self.id, error = %e, "send flush failed"),
         }
+        self.io.reclaim(&mut self.st.tx_buffers);
         // Receive-to-send latency of every packet forwarded this turn.
         let sent = Instant::now();
         for arrival in self.st.forwarded_arrivals.drain(..) {
@@ -982,6 +986,9 @@ impl ShardState {
         // By index, not over a taken list: a subscriber that a drain below gives packets is
         // appended and served in a later chunk instead of being lost with its `written` mark set.
         let end = self.written.len().min(self.written_sent + max);
+        // What the next packet is protected into: a recycled buffer, taken when the last one
+        // went out with its packet.
+        let mut buf = Vec::new();
         for i in self.written_sent..end {
             let key = self.written[i];
             let Some(peer) = self.peers.get_mut(key) else {
@@ -997,7 +1004,10 @@ impl ShardState {
             // with a pacer had its packets queued as they were forwarded (`Peer::forward`).
             let mut queued = peer.rtc.has_bwe();
             for (mid, write) in peer.writes.drain(..) {
-                match peer.rtc.send_rtp_now(mid, write, now) {
+                if buf.capacity() == 0 {
+                    buf = self.tx_buffers.take();
+                }
+                match peer.rtc.send_rtp_now(mid, write, now, &mut buf) {
                     Ok(Some(t)) => {
                         let sock = socket_of(&self.cfg.announced, t.source);
                         self.pending_tx
@@ -1019,6 +1029,7 @@ impl ShardState {
                 self.drain(key, now);
             }
         }
+        self.tx_buffers.give(buf);
         self.written_sent = end;
         if end < self.written.len() {
             return true;

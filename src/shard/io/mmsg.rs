@@ -18,7 +18,8 @@ use tracing::{debug, info, trace};
 
 use super::sys::{self, CmsgBuf, MmapRegion, Sock};
 use super::{
-    for_each_segment, next_run, same_family, DatagramIo, FlushStats, IoConfig, Queued, Run, WakeFd,
+    for_each_segment, next_run, same_family, BufferPool, DatagramIo, FlushStats, IoConfig, Queued,
+    Run, WakeFd,
 };
 
 /// recvmmsg/sendmmsg accept at most UIO_MAXIOV messages per call.
@@ -53,6 +54,8 @@ pub(super) struct MmsgIo {
     /// GSO runs refused by the kernel during the current flush.
     refused_runs: usize,
     pending_errors: usize,
+    /// Payloads of finished sends, until `reclaim`.
+    done: Vec<Vec<u8>>,
 }
 
 // SAFETY: the raw pointers inside the mmsghdr/iovec arrays point only into memory owned by this
@@ -98,6 +101,7 @@ impl MmsgIo {
             tx_ctrl: Vec::with_capacity(256),
             refused_runs: 0,
             pending_errors: 0,
+            done: Vec::with_capacity(256),
         };
         for i in 0..batch {
             io.rx_iovs.push(libc::iovec {
@@ -411,7 +415,8 @@ impl DatagramIo for MmsgIo {
             // Single datagrams are never put back in `retry`.
             self.retry.clear();
         }
-        self.queue.clear();
+        // sendmmsg has copied every payload (or dropped it): they can be reused.
+        self.done.extend(self.queue.drain(..).map(|q| q.payload));
         stats.errors = mem::take(&mut self.pending_errors);
         Ok(stats)
     }
@@ -437,6 +442,12 @@ impl DatagramIo for MmsgIo {
                 self.wake.drain();
             }
             return Ok(());
+        }
+    }
+
+    fn reclaim(&mut self, pool: &mut BufferPool) {
+        for buf in self.done.drain(..) {
+            pool.give(buf);
         }
     }
 }

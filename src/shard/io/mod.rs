@@ -6,7 +6,9 @@
 //! - `recv` never blocks and hands out single datagrams (GRO super-datagrams are split);
 //! - `queue_send` takes ownership of the payload, `flush` sends everything queued, grouping
 //!   consecutive equal-size datagrams to one destination into UDP_SEGMENT (GSO) sends;
-//! - `wait` is the only place the shard thread sleeps.
+//! - `wait` is the only place the shard thread sleeps;
+//! - a payload whose send completed goes back to the shard through `reclaim`, so the
+//!   next packets are written into memory the shard already has (`BufferPool`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -117,6 +119,48 @@ pub trait DatagramIo: Send {
     /// Block until a socket is readable, the WakeFd was rung, or `timeout` passed (None = no
     /// timeout). Returns at once if data or a wake is already pending. Drains the WakeFd.
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Hand the payloads of sends that have completed (sent or dropped) to `pool`.
+    fn reclaim(&mut self, pool: &mut BufferPool);
+}
+
+/// Send buffers, recycled: a packet is protected into one (`take`), the I/O backend sends it
+/// and hands it back (`DatagramIo::reclaim`), and the next packet is written into the same
+/// memory. Forwarding then allocates nothing per packet. Without this, each packet was a fresh
+/// allocation freed at its send completion, and a keyframe's burst of them made the allocator
+/// return whole pages to the kernel and fault them in again, zeroed, at the next burst.
+///
+/// Only buffers of at least `BUFFER_BYTES` are kept (any datagram fits without growing), and at
+/// most `MAX_SPARE` of them, so a shard holds at most 4 MiB here.
+#[derive(Debug, Default)]
+pub struct BufferPool {
+    spare: Vec<Vec<u8>>,
+}
+
+impl BufferPool {
+    /// Capacity of the buffers the pool makes, and the least it keeps.
+    pub const BUFFER_BYTES: usize = 2048;
+    /// Spare buffers kept at most; more are freed.
+    pub const MAX_SPARE: usize = 2048;
+
+    /// An empty buffer with room for any datagram.
+    pub fn take(&mut self) -> Vec<u8> {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(Self::BUFFER_BYTES))
+    }
+
+    /// Keep `buf` for a later `take`, if it is large enough and the pool is not full.
+    pub fn give(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() >= Self::BUFFER_BYTES && self.spare.len() < Self::MAX_SPARE {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Spare buffers held now.
+    pub fn spare(&self) -> usize {
+        self.spare.len()
+    }
 }
 
 /// Open the configured backend. Binding errors are returned as they are. If io_uring cannot be
@@ -788,6 +832,64 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(2), "{backend:?}");
     }
 
+    fn sent_buffers_come_back_for_reuse(backend: Backend) {
+        let (mut io, _w) = open_on(backend, &["127.0.0.1:0"]);
+        let rx = std_receiver();
+        let dest = rx.local_addr().unwrap();
+        let mut pool = BufferPool::default();
+        let mut addrs = Vec::new();
+        for i in 0..100 {
+            let mut b = pool.take();
+            b.extend_from_slice(&payload(i, 100 + i));
+            addrs.push(b.as_ptr() as usize);
+            io.queue_send(0, dest, b);
+        }
+        // Too small to be worth keeping: sent, then freed.
+        io.queue_send(0, dest, payload(100, 50));
+        assert_eq!(io.flush().unwrap().errors, 0, "{backend:?}");
+        let mut buf = [0u8; 2048];
+        for i in 0..101 {
+            let (n, _) = rx.recv_from(&mut buf).expect("datagram lost");
+            assert_eq!(n, if i < 100 { 100 + i } else { 50 }, "{backend:?}");
+        }
+        io.reclaim(&mut pool);
+        assert_eq!(pool.spare(), 100, "{backend:?}: every pool buffer is back");
+        let mut back: Vec<usize> = (0..100)
+            .map(|_| {
+                let b = pool.take();
+                assert!(b.is_empty() && b.capacity() >= BufferPool::BUFFER_BYTES);
+                b.as_ptr() as usize
+            })
+            .collect();
+        back.sort_unstable();
+        addrs.sort_unstable();
+        assert_eq!(back, addrs, "{backend:?}: the same allocations come back");
+        io.reclaim(&mut pool);
+        assert_eq!(pool.spare(), 0, "{backend:?}: nothing is handed back twice");
+    }
+
+    #[test]
+    fn buffer_pool_keeps_large_buffers_up_to_its_bound() {
+        let mut pool = BufferPool::default();
+        let b = pool.take();
+        assert!(b.is_empty() && b.capacity() >= BufferPool::BUFFER_BYTES);
+        pool.give(Vec::with_capacity(BufferPool::BUFFER_BYTES - 1));
+        assert_eq!(
+            pool.spare(),
+            0,
+            "a buffer that may have to grow is not kept"
+        );
+        let mut full = b;
+        full.extend_from_slice(&[1, 2, 3]);
+        pool.give(full);
+        assert_eq!(pool.spare(), 1);
+        assert!(pool.take().is_empty(), "kept buffers come back cleared");
+        for _ in 0..BufferPool::MAX_SPARE + 10 {
+            pool.give(Vec::with_capacity(BufferPool::BUFFER_BYTES));
+        }
+        assert_eq!(pool.spare(), BufferPool::MAX_SPARE);
+    }
+
     macro_rules! for_both_backends {
         ($($name:ident),* $(,)?) => {
             mod uring_backend {
@@ -814,6 +916,7 @@ mod tests {
         wait_wakes_on_data_mid_wait,
         flush_bigger_than_one_submission,
         moved_between_threads,
+        sent_buffers_come_back_for_reuse,
     );
 
     // --- pure helpers

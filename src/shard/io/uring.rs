@@ -23,7 +23,8 @@ use tracing::{debug, info, trace, warn};
 
 use super::sys::{self, CmsgBuf, MmapRegion, Sock};
 use super::{
-    for_each_segment, next_run, same_family, DatagramIo, FlushStats, IoConfig, Queued, WakeFd,
+    for_each_segment, next_run, same_family, BufferPool, DatagramIo, FlushStats, IoConfig, Queued,
+    WakeFd,
 };
 
 // user_data = kind << 56 | index (socket id or send slot).
@@ -131,6 +132,8 @@ pub(super) struct UringIo {
     pending_sqes: usize,
     refused_runs: usize,
     closing: bool,
+    /// Payloads of completed sends, until `reclaim`.
+    done: Vec<Vec<u8>>,
 }
 
 // SAFETY: the raw pointers inside UringIo (msghdrs, iovecs, buffer addresses) point only into
@@ -196,6 +199,7 @@ impl UringIo {
             pending_sqes: 0,
             refused_runs: 0,
             closing: false,
+            done: Vec::with_capacity(256),
         };
         // Hand every buffer to the kernel.
         for bid in 0..entries {
@@ -498,7 +502,7 @@ impl UringIo {
         } else {
             let slot = &mut self.slots[idx];
             self.pending_errors += slot.bufs.len();
-            slot.bufs.clear();
+            self.done.append(&mut slot.bufs);
             slot.iovs.clear();
             self.free.push(idx);
             false
@@ -542,7 +546,8 @@ impl UringIo {
             );
             self.pending_errors += segments.max(1);
         }
-        slot.bufs.clear();
+        // The kernel is done with the payloads (UDP copied them): they can be reused.
+        self.done.append(&mut slot.bufs);
         slot.iovs.clear();
         self.free.push(idx);
     }
@@ -775,6 +780,12 @@ impl DatagramIo for UringIo {
         }
         self.woken = false;
         Ok(())
+    }
+
+    fn reclaim(&mut self, pool: &mut BufferPool) {
+        for buf in self.done.drain(..) {
+            pool.give(buf);
+        }
     }
 }
 

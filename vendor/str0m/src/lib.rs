@@ -1476,6 +1476,11 @@ impl Rtc {
     /// `write_rtp`. `Ok(None)`: the packet was dropped as `poll_output` would drop it (its payload
     /// type is not negotiated).
     ///
+    /// The packet is protected into `buf`'s allocation, which the returned
+    /// [`Transmit`][net::Transmit] then owns (`buf` is left empty, ready for a new buffer), so
+    /// a caller that recycles sent buffers allocates nothing per packet. When no `Transmit` is
+    /// returned, `buf` is untouched. The payload is copied once, into `buf`, and encrypted there.
+    ///
     /// Sending a packet never makes the `Rtc`'s next timeout earlier, so a timeout it gave
     /// before still stands.
     pub fn send_rtp_now(
@@ -1483,6 +1488,7 @@ impl Rtc {
         mid: Mid,
         rtp: rtp::RtpWrite,
         now: Instant,
+        buf: &mut Vec<u8>,
     ) -> Result<Option<net::Transmit>, rtp::RtpWrite> {
         let Some(send) = &self.send_addr else {
             return Err(rtp);
@@ -1491,7 +1497,7 @@ impl Rtc {
             return Err(rtp);
         }
         let (proto, source, destination) = (send.proto, send.source, send.destination);
-        let Some(contents) = self.session.send_rtp_now(mid, rtp, now)? else {
+        let Some(contents) = self.session.send_rtp_now(mid, rtp, now, buf)? else {
             return Ok(None);
         };
         self.peer_bytes_tx += contents.len() as u64;

@@ -1234,7 +1234,9 @@ impl Session {
         // Figure out which, if any, queue to poll
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
         let (midrid, cluster_id) = self.pacer.poll_queue()?;
-        self.send_packet(midrid, cluster_id, None, now)
+        let mut output = Vec::new();
+        self.send_packet(midrid, cluster_id, None, now, &mut output)?;
+        Some(output.into())
     }
 
     /// sluice: a bandwidth estimator, and so a pacer that may hold packets back.
@@ -1248,11 +1250,15 @@ impl Session {
     /// (so the order of packets is kept). Otherwise, or before SRTP is keyed, the write comes
     /// back untouched to go the regular way. `Ok(None)`: str0m dropped it, as `poll_packet`
     /// does (its payload type is not negotiated).
+    ///
+    /// The protected packet is written into `buf`'s allocation, which the returned datagram
+    /// then owns (`buf` is left empty). When nothing is returned, `buf` is untouched.
     pub fn send_rtp_now(
         &mut self,
         mid: Mid,
         rtp: RtpWrite,
         now: Instant,
+        buf: &mut Vec<u8>,
     ) -> Result<Option<DatagramSend>, RtpWrite> {
         let midrid = MidRid(mid, None);
         let ready = !self.rtp_closing
@@ -1265,17 +1271,21 @@ impl Session {
         if !ready {
             return Err(rtp);
         }
-        Ok(self.send_packet(midrid, None, Some(rtp), now))
+        Ok(self
+            .send_packet(midrid, None, Some(rtp), now, buf)
+            .map(|()| std::mem::take(buf).into()))
     }
 
-    /// Protect the next packet of `midrid`'s stream, or `write` at once when given.
+    /// Protect the next packet of `midrid`'s stream, or `write` at once when given, into
+    /// `output` (cleared first). `None`: nothing to send, and `output` is untouched.
     fn send_packet(
         &mut self,
         midrid: MidRid,
         cluster_id: Option<TwccClusterId>,
         write: Option<RtpWrite>,
         now: Instant,
-    ) -> Option<DatagramSend> {
+        output: &mut Vec<u8>,
+    ) -> Option<()> {
         let srtp_tx = self.srtp_tx.as_mut()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
         let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
@@ -1295,9 +1305,14 @@ impl Session {
 
         // A packet sent at once was never in a queue the pacer handed out.
         let paced = write.is_none();
+        // The payload is encrypted from where it is, not from a copy in `buf`, unless raw
+        // packets are kept (they need the whole plaintext packet).
+        let detach = self.raw_packets.is_none();
         let receipt = match write {
-            Some(rtp) => stream.write_and_poll_packet(rtp, now, exts, twcc, params, buf)?,
-            None => stream.poll_packet(now, exts, twcc, params, buf)?,
+            Some(rtp) => {
+                stream.write_and_poll_packet(rtp, now, exts, twcc, params, buf, detach)?
+            }
+            None => stream.poll_packet_from(now, exts, twcc, params, buf, true, detach)?,
         };
 
         let PacketReceipt {
@@ -1305,6 +1320,7 @@ impl Session {
             seq_no,
             is_padding,
             payload_size,
+            body,
         } = receipt;
 
         trace!(payload_size, is_padding, "Poll RTP: {:?}", header);
@@ -1324,7 +1340,9 @@ impl Session {
             raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));
         }
 
-        let protected = srtp_tx.protect_rtp(buf, &header, *seq_no);
+        let (head, rest) = buf.split_at(header.header_len);
+        let body = body.as_deref().unwrap_or(rest);
+        srtp_tx.protect_rtp_into(head, body, &header, *seq_no, output);
 
         if twcc_enabled {
             let packet_id = if let Some(cluster) = cluster_id {
@@ -1345,7 +1363,7 @@ impl Session {
             self.media_bytes_tx += payload_size as u64;
         }
 
-        Some(protected.into())
+        Some(())
     }
 
     pub fn poll_timeout(&mut self) -> (Option<Instant>, Reason) {
@@ -1605,6 +1623,8 @@ pub struct PacketReceipt {
     pub seq_no: SeqNo,
     pub is_padding: bool,
     pub payload_size: usize,
+    /// sluice: the payload, when it was left out of the packet buffer (`detach_body`).
+    pub body: Option<Arc<[u8]>>,
 }
 
 /// Find the PayloadParams for the given Pt, either when the Pt is the main Pt for the Codec or

@@ -248,12 +248,32 @@ impl DecryptWarnings {
 }
 
 impl SrtpContext {
+    // sluice: the session protects with `protect_rtp_into`; this stays for str0m's tests.
+    #[cfg_attr(not(any(test, feature = "_internal_test_exports")), allow(dead_code))]
     pub fn protect_rtp(
         &mut self,
         buf: &[u8],
         header: &RtpHeader,
         srtp_index: u64, // same as ext_seq
     ) -> Vec<u8> {
+        let (head, body) = buf.split_at(header.header_len);
+        let mut output = Vec::new();
+        self.protect_rtp_into(head, body, header, srtp_index, &mut output);
+        output
+    }
+
+    /// sluice: [`SrtpContext::protect_rtp`] for a packet whose header and body are apart (the
+    /// body being a payload shared with other streams), written into `output`, which is cleared
+    /// first and keeps its allocation when it is large enough. The body is copied once, into
+    /// `output`, and encrypted there.
+    pub fn protect_rtp_into(
+        &mut self,
+        head: &[u8],
+        body: &[u8],
+        header: &RtpHeader,
+        srtp_index: u64, // same as ext_seq
+        output: &mut Vec<u8>,
+    ) {
         // SRTP layout
         // [header, [rtp, (padding + pad_count)], tag]
 
@@ -281,66 +301,58 @@ impl SrtpContext {
         //  | +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+ |
         //  |                                                                   |
         //  +- Encrypted Portion*                      Authenticated Portion ---+
-        let hlen = header.header_len;
-        let input = &buf[hlen..];
+        let hlen = head.len();
+        debug_assert_eq!(hlen, header.header_len);
+        let len = hlen + body.len();
+        output.clear();
 
         match &mut self.rtp {
             Derived::Aes128CmSha1_80 { key, salt, enc, .. } => {
                 // arbitrary body lengths are fine: the output buffer below is
-                // allocated with the CTR scratch the ciphers need and truncated
+                // sized with the CTR scratch the ciphers need and truncated
                 // after encryption, so no 16-byte alignment is required.
                 let iv = Aes128CmSha1_80::rtp_iv(*salt, *header.ssrc, srtp_index);
 
-                // Allocate buffer with CTR padding (aws-lc-rs requirement)
+                // Size the buffer with CTR padding (aws-lc-rs requirement)
                 // HMAC_TAG_LEN is 10, CTR_BUFFER_PADDING is 15, so we need 5 extra bytes
                 let padding_needed =
                     CTR_BUFFER_PADDING.saturating_sub(Aes128CmSha1_80::HMAC_TAG_LEN);
-                let mut output =
-                    vec![0_u8; buf.len() + Aes128CmSha1_80::HMAC_TAG_LEN + padding_needed];
+                output.resize(len + Aes128CmSha1_80::HMAC_TAG_LEN + padding_needed, 0);
 
-                enc.encrypt(&iv, input, &mut output[hlen..])
+                enc.encrypt(&iv, body, &mut output[hlen..])
                     .expect("rtp encrypt");
 
-                output[..hlen].copy_from_slice(&buf[..hlen]);
+                output[..hlen].copy_from_slice(head);
 
-                let hmac_start = buf.len();
+                let hmac_start = len;
                 let sha1_hmac = |k: &[u8], p: &[&[u8]]| self.sha1_hmac_provider.sha1_hmac(k, p);
-                Aes128CmSha1_80::rtp_hmac(sha1_hmac, key, &mut output, srtp_index, hmac_start);
+                Aes128CmSha1_80::rtp_hmac(sha1_hmac, key, output, srtp_index, hmac_start);
 
-                output.truncate(buf.len() + Aes128CmSha1_80::HMAC_TAG_LEN);
-                output
+                output.truncate(len + Aes128CmSha1_80::HMAC_TAG_LEN);
             }
             Derived::AeadAes128Gcm { salt, enc, .. } => {
                 let roc = (srtp_index >> 16) as u32;
 
                 let iv = AeadAes128Gcm::rtp_iv(*salt, *header.ssrc, roc, header.sequence_number);
-                let aad = &buf[..hlen];
 
                 // Input and output lengths for encryption:
                 // https://www.rfc-editor.org/rfc/rfc7714#section-5.2.1
-                let mut output = vec![0_u8; buf.len() + AeadAes128Gcm::TAG_LEN];
-                enc.encrypt(&iv, aad, input, &mut output[hlen..])
-                    .expect("rtp encrypt");
-
-                output[..hlen].copy_from_slice(aad);
-
-                output
+                output.resize(len + AeadAes128Gcm::TAG_LEN, 0);
+                output[..hlen].copy_from_slice(head);
+                let (aad, sealed) = output.split_at_mut(hlen);
+                enc.encrypt(&iv, aad, body, sealed).expect("rtp encrypt");
             }
             Derived::AeadAes256Gcm { salt, enc, .. } => {
                 let roc = (srtp_index >> 16) as u32;
 
                 let iv = AeadAes256Gcm::rtp_iv(*salt, *header.ssrc, roc, header.sequence_number);
-                let aad = &buf[..hlen];
 
                 // Input and output lengths for encryption:
                 // https://www.rfc-editor.org/rfc/rfc7714#section-5.2.1
-                let mut output = vec![0_u8; buf.len() + AeadAes256Gcm::TAG_LEN];
-                enc.encrypt(&iv, aad, input, &mut output[hlen..])
-                    .expect("rtp encrypt");
-
-                output[..hlen].copy_from_slice(aad);
-
-                output
+                output.resize(len + AeadAes256Gcm::TAG_LEN, 0);
+                output[..hlen].copy_from_slice(head);
+                let (aad, sealed) = output.split_at_mut(hlen);
+                enc.encrypt(&iv, aad, body, sealed).expect("rtp encrypt");
             }
         }
     }

@@ -559,6 +559,8 @@ impl StreamTx {
         (self.ssrc.is_probe() || self.rtx.is_some()) && self.pt_for_padding.is_some()
     }
 
+    // sluice: the session calls `poll_packet_from`; this stays for str0m's tests.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn poll_packet(
         &mut self,
         now: Instant,
@@ -567,7 +569,7 @@ impl StreamTx {
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
     ) -> Option<PacketReceipt> {
-        self.poll_packet_from(now, exts, twcc, params, buf, true)
+        self.poll_packet_from(now, exts, twcc, params, buf, true, false)
     }
 
     /// sluice: true once a timeout has set the stream up (its kind, for sender reports) and
@@ -578,7 +580,9 @@ impl StreamTx {
 
     /// sluice: write one packet and take it straight back out of the queue (which must be
     /// empty), skipping pending resends: the regular-packet half of `poll_packet` at `now`,
-    /// without waiting for a `handle_timeout` to stamp the queue.
+    /// without waiting for a `handle_timeout` to stamp the queue. `detach_body` as for
+    /// `poll_packet_from`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_and_poll_packet(
         &mut self,
         rtp: RtpWrite,
@@ -587,6 +591,7 @@ impl StreamTx {
         twcc: Option<&mut u64>,
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
+        detach_body: bool,
     ) -> Option<PacketReceipt> {
         debug_assert!(self.send_queue.is_empty());
         self.write_rtp(rtp);
@@ -597,10 +602,15 @@ impl StreamTx {
         if self.rtx_ratio_cap.is_some() {
             self.rtx_ratio_downsampled(now);
         }
-        self.poll_packet_from(now, exts, twcc, params, buf, false)
+        self.poll_packet_from(now, exts, twcc, params, buf, false, detach_body)
     }
 
-    fn poll_packet_from(
+    /// `poll_packet`, with sluice's two choices: `resends: false` skips pending resends, and
+    /// `detach_body: true` leaves a regular packet's payload out of `buf` (which then holds the
+    /// header only, in `buf[..header.header_len]`) and hands it back in the receipt's `body`,
+    /// so that SRTP reads it from where it already is instead of from a copy.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn poll_packet_from(
         &mut self,
         now: Instant,
         exts: &ExtensionMap,
@@ -608,6 +618,7 @@ impl StreamTx {
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
         resends: bool,
+        detach_body: bool,
     ) -> Option<PacketReceipt> {
         let mid = self.midrid.mid();
         let rid = self.midrid.rid();
@@ -780,11 +791,17 @@ impl StreamTx {
         }
 
         let pkt = &next.pkt;
+        let mut body = None;
 
         let body_len = match next.kind {
             NextPacketKind::Regular | NextPacketKind::Resend(_) => {
                 let body_len = pkt.payload.len();
-                if let Some(patch) = pkt.vp8_patch.as_ref() {
+                if detach_body
+                    && next.kind == NextPacketKind::Regular
+                    && pkt.vp8_patch.is_none()
+                {
+                    body = Some(pkt.payload.clone());
+                } else if let Some(patch) = pkt.vp8_patch.as_ref() {
                     patch.copy_to(pkt.payload.as_ref(), &mut body_out[..body_len]);
                 } else {
                     body_out[..body_len].copy_from_slice(pkt.payload.as_ref());
@@ -813,7 +830,11 @@ impl StreamTx {
             }
         };
 
-        buf.truncate(header_len + body_len);
+        // A detached body leaves `buf` at its full length, so the next packet's `resize` has
+        // nothing to fill.
+        if body.is_none() {
+            buf.truncate(header_len + body_len);
+        }
 
         #[cfg(feature = "_internal_dont_use_log_stats")]
         {
@@ -868,6 +889,7 @@ impl StreamTx {
             seq_no,
             is_padding,
             payload_size: body_len,
+            body,
         })
     }
 
