@@ -125,9 +125,8 @@ pub trait DatagramIo: Send {
 
 /// Send buffers, recycled: a packet is protected into one (`take`), the I/O backend sends it
 /// and hands it back (`DatagramIo::reclaim`), and the next packet is written into the same
-/// memory. Forwarding then allocates nothing per packet. Without this, each packet was a fresh
-/// allocation freed at its send completion, and a keyframe's burst of them made the allocator
-/// return whole pages to the kernel and fault them in again, zeroed, at the next burst.
+/// memory. Forwarding then allocates no datagram memory per packet; before, each packet's
+/// datagram was a fresh, zeroed allocation, freed at its send completion.
 ///
 /// Only buffers of at least `BUFFER_BYTES` are kept (any datagram fits without growing), and at
 /// most `MAX_SPARE` of them, so a shard holds at most 4 MiB here.
