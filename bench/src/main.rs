@@ -32,6 +32,10 @@ use crate::media::VideoConfig;
 use crate::run::{Options, Outcome, Scenario};
 use crate::shard::MediaPlan;
 
+/// Largest `--rx-poll-us` accepted: longer, and the sockets could overflow between looks and
+/// feedback to the SFU would be late.
+const MAX_RX_POLL_US: u64 = 100_000;
+
 #[derive(Parser)]
 #[command(
     name = "sluice-loadgen",
@@ -234,8 +238,10 @@ impl Common {
         if self.cores == 0 {
             return Err("--cores must be at least 1".into());
         }
-        if self.rx_poll_us > 100_000 {
-            return Err("--rx-poll-us above 100000 (0.1 s) would delay feedback to the SFU".into());
+        if self.rx_poll_us > MAX_RX_POLL_US {
+            return Err(format!(
+                "--rx-poll-us above {MAX_RX_POLL_US} (0.1 s) would delay feedback to the SFU"
+            ));
         }
         Ok(Options {
             url: self.url.trim_end_matches('/').to_string(),
@@ -304,9 +310,9 @@ fn main() {
             rx_poll_us,
             json,
         } => {
-            if rx_poll_us > 100_000 {
+            if rx_poll_us > MAX_RX_POLL_US {
                 eprintln!(
-                    "error: --rx-poll-us above 100000 (0.1 s) would let the sockets overflow"
+                    "error: --rx-poll-us above {MAX_RX_POLL_US} (0.1 s) would let the sockets overflow"
                 );
                 std::process::exit(1);
             }
