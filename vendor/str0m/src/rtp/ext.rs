@@ -715,21 +715,21 @@ impl Extension {
             }
             RtpStreamId => {
                 let v = ev.rid?;
-                let l = v.len();
-                buf[..l].copy_from_slice(v.as_bytes());
-                Some(l)
+                let v = v.trimmed_bytes();
+                buf[..v.len()].copy_from_slice(v);
+                Some(v.len())
             }
             RepairedRtpStreamId => {
                 let v = ev.rid_repair?;
-                let l = v.len();
-                buf[..l].copy_from_slice(v.as_bytes());
-                Some(l)
+                let v = v.trimmed_bytes();
+                buf[..v.len()].copy_from_slice(v);
+                Some(v.len())
             }
             RtpMid => {
                 let v = ev.mid?;
-                let l = v.len();
-                buf[..l].copy_from_slice(v.as_bytes());
-                Some(l)
+                let v = v.trimmed_bytes();
+                buf[..v.len()].copy_from_slice(v);
+                Some(v.len())
             }
             FrameMarking => {
                 let v = ev.frame_mark?;

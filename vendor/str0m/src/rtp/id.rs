@@ -23,6 +23,17 @@ macro_rules! str_id {
             pub const fn from_array(a: [u8; $num]) -> $id {
                 $id(a)
             }
+
+            /// sluice: the id without its padding, as bytes: what `Deref` gives, for the ASCII
+            /// ids str0m makes, without validating UTF-8 and trimming Unicode whitespace each
+            /// time. Header extensions write it into every packet.
+            pub(crate) fn trimmed_bytes(&self) -> &[u8] {
+                let ws = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+                let b = &self.0[..];
+                let start = b.iter().position(|c| !ws(c)).unwrap_or(b.len());
+                let end = b.iter().rposition(|c| !ws(c)).map_or(start, |i| i + 1);
+                &b[start..end]
+            }
         }
 
         impl fmt::Display for $id {
