@@ -446,8 +446,6 @@ impl DatagramIo for MmsgIo {
     }
 
     fn reclaim(&mut self, pool: &mut BufferPool) {
-        for buf in self.done.drain(..) {
-            pool.give(buf);
-        }
+        pool.give_all(self.done.drain(..));
     }
 }

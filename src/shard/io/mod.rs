@@ -156,6 +156,13 @@ impl BufferPool {
         }
     }
 
+    /// `give` each of `bufs`.
+    pub fn give_all(&mut self, bufs: impl Iterator<Item = Vec<u8>>) {
+        for buf in bufs {
+            self.give(buf);
+        }
+    }
+
     /// Spare buffers held now.
     pub fn spare(&self) -> usize {
         self.spare.len()

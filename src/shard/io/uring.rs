@@ -783,9 +783,7 @@ impl DatagramIo for UringIo {
     }
 
     fn reclaim(&mut self, pool: &mut BufferPool) {
-        for buf in self.done.drain(..) {
-            pool.give(buf);
-        }
+        pool.give_all(self.done.drain(..));
     }
 }
 
