@@ -2,8 +2,16 @@ use std::fmt;
 use std::ops::Index;
 
 /// List containing max 31 items.
+///
+/// sluice: held in a `Vec` bounded at 31, not an inline `[Option<T>; 31]`. The array made an SDES
+/// list (`ReportList<Sdes>`, each `Sdes` holding a `ReportList` of its own) 31 KB, zeroed and
+/// copied twice for every SDES block parsed and for every sender report built; a reception-report
+/// list was 1 KB inside every `Rtcp` value moved.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ReportList<T>([Option<T>; 31]);
+pub struct ReportList<T>(Vec<T>);
+
+/// How many items one list holds (RTCP's 5-bit count).
+const MAX: usize = 31;
 
 impl<T> ReportList<T> {
     pub(crate) fn new() -> Self {
@@ -12,17 +20,18 @@ impl<T> ReportList<T> {
 
     /// Number of elements in the list.
     pub fn len(&self) -> usize {
-        self.0.iter().position(|i| i.is_none()).unwrap_or(31)
+        self.0.len()
     }
 
+    /// Append `v`. Panics when the list is full, as the array did; callers check `is_full`.
     pub(crate) fn push(&mut self, v: T) {
-        let pos = self.len();
-        self.0[pos] = Some(v);
+        assert!(self.0.len() < MAX, "ReportList holds at most {MAX} items");
+        self.0.push(v);
     }
 
     /// Get element at position.
     pub fn get(&self, i: usize) -> Option<&T> {
-        self.0[i].as_ref()
+        self.0.get(i)
     }
 
     /// Iterator over the elements in the list.
@@ -32,19 +41,17 @@ impl<T> ReportList<T> {
 
     /// Tells if the list contains zero elements.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
     }
 
     pub(crate) fn lists_from_iter(iterator: impl IntoIterator<Item = T>) -> Vec<Self> {
         let mut result = vec![];
         let mut current = Self::default();
 
-        for (i, item) in iterator.into_iter().enumerate() {
-            if i % 31 == 0 && i != 0 {
-                result.push(current);
-                current = Self::default();
+        for item in iterator {
+            if current.is_full() {
+                result.push(std::mem::take(&mut current));
             }
-
             current.push(item);
         }
 
@@ -56,50 +63,26 @@ impl<T> ReportList<T> {
     }
 
     pub(crate) fn is_full(&self) -> bool {
-        self.len() == 31
+        self.0.len() == MAX
     }
 }
 
 impl<T: private::WordSized> ReportList<T> {
+    /// Move items from the front of `other` to the end of `self` while they fit in `words_left`
+    /// and `self` has room. Returns how many moved.
     pub(crate) fn append_all_possible(&mut self, other: &mut Self, mut words_left: usize) -> usize {
-        // Position where we start inserting in self.
-        let pos = self.len();
-
-        // Max number we can move.
-        let max = (31 - pos).min(other.len());
-
-        // after this loop ends, i will hold the number of items moved.
-        let mut i = 0;
-        loop {
-            if i == max {
-                break;
-            }
-
-            // first borrow item from other, to check the item size will fit.
-            let item = other.0[i].as_ref().unwrap();
-            let item_size = item.word_size();
-
-            // can we fit one more item?
+        let max = (MAX - self.0.len()).min(other.0.len());
+        let mut n = 0;
+        while n < max {
+            let item_size = other.0[n].word_size();
             if words_left < item_size {
                 break;
             }
-
-            // it fits, move it.
-            self.0[pos + i] = other.0[i].take();
-
-            // reduce space left.
             words_left -= item_size;
-
-            i += 1;
+            n += 1;
         }
-
-        // shift down remaining in other
-        for j in i..31 {
-            other.0[j - i] = other.0[j].take();
-        }
-
-        // return number of appended items.
-        i
+        self.0.extend(other.0.drain(..n));
+        n
     }
 }
 
@@ -113,94 +96,48 @@ impl<T> Index<usize> for ReportList<T> {
     type Output = T;
 
     fn index(&self, index: usize) -> &Self::Output {
-        self.0[index].as_ref().unwrap()
+        &self.0[index]
     }
 }
 
 impl<T> Default for ReportList<T> {
     fn default() -> Self {
-        // We don't want to require T: Copy.
-        ReportList([
-            None, None, None, None, None, None, None, None, None, None, None, None, None, None,
-            None, None, None, None, None, None, None, None, None, None, None, None, None, None,
-            None, None, None,
-        ])
+        ReportList(Vec::new())
     }
 }
 
 impl<'a, T> IntoIterator for &'a ReportList<T> {
     type Item = &'a T;
-    type IntoIter = Iter<'a, T>;
+    type IntoIter = std::slice::Iter<'a, T>;
 
     fn into_iter(self) -> Self::IntoIter {
-        Iter(self, 0)
+        self.0.iter()
     }
 }
 
 impl<T> IntoIterator for ReportList<T> {
     type Item = T;
-    type IntoIter = IterOwned<T>;
+    type IntoIter = std::vec::IntoIter<T>;
 
     fn into_iter(self) -> Self::IntoIter {
-        IterOwned(self, 0)
-    }
-}
-
-pub struct Iter<'a, T>(&'a ReportList<T>, usize);
-
-pub struct IterOwned<T>(ReportList<T>, usize);
-
-impl<'a, T> Iterator for Iter<'a, T> {
-    type Item = &'a T;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.1 > 30 {
-            return None;
-        }
-
-        let n = self.0.0[self.1].as_ref();
-        if n.is_some() {
-            self.1 += 1;
-        }
-
-        n
-    }
-}
-
-impl<T> Iterator for IterOwned<T> {
-    type Item = T;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.1 > 30 {
-            return None;
-        }
-
-        let n = self.0.0[self.1].take();
-        if n.is_some() {
-            self.1 += 1;
-        }
-        n
+        self.0.into_iter()
     }
 }
 
 impl<T> From<T> for ReportList<T> {
     fn from(t: T) -> Self {
-        let mut l = ReportList::default();
-        l.push(t);
-        l
+        ReportList(vec![t])
     }
 }
 
 impl<T: fmt::Debug> fmt::Debug for ReportList<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "[")?;
-        let len = self.len();
-        for (i, s) in self.0.iter().filter_map(|f| f.as_ref()).enumerate() {
-            if i == len - 1 {
-                write!(f, "{s:?}")?;
-            } else {
-                write!(f, "{s:?},")?;
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ",")?;
             }
+            write!(f, "{s:?}")?;
         }
         write!(f, "]")
     }
