@@ -42,11 +42,17 @@ static BEGINNING_OF_TIME: LazyLock<(Instant, SystemTime)> = LazyLock::new(|| {
     (beginning_of_time, beginning_of_time_sys)
 });
 
-pub fn epoch_to_beginning() -> Duration {
+// sluice: the beginning of time as a unix duration, worked out once. `to_unix_duration` ran
+// `SystemTime` arithmetic for every packet that carries abs-send-time.
+static EPOCH_TO_BEGINNING: LazyLock<Duration> = LazyLock::new(|| {
     BEGINNING_OF_TIME
         .1
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("beginning of time to be after epoch")
+});
+
+pub fn epoch_to_beginning() -> Duration {
+    *EPOCH_TO_BEGINNING
 }
 
 pub(crate) fn already_happened() -> Instant {
@@ -98,12 +104,8 @@ impl InstantExt for Instant {
             warn!("Time went backwards from beginning_of_time Instant");
         }
 
-        let duration_since_time_0 = self.duration_since(BEGINNING_OF_TIME.0);
-        let system_time = BEGINNING_OF_TIME.1 + duration_since_time_0;
-
-        system_time
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .expect("clock to go forwards from unix epoch")
+        // sluice: (beginning + d) - epoch, as (beginning - epoch) + d; the same nanoseconds.
+        epoch_to_beginning() + self.duration_since(BEGINNING_OF_TIME.0)
     }
 
     fn to_ntp_duration(&self) -> Duration {
