@@ -252,3 +252,76 @@ fn send_rtp_now_delivers_every_packet_into_the_given_buffer_and_keeps_memory_bou
         "the sender's live heap grew by {growth} bytes over 60 s of sending"
     );
 }
+
+/// Packets sent with `send_rtp_now` never pass through str0m's send queue, so they reach the
+/// resend history another way: a datagram lost on the way is asked for again (NACK) and comes
+/// back as a resend, and every sequence number arrives.
+#[test]
+fn packets_sent_at_once_are_resent_when_the_viewer_asks() {
+    let t0 = Instant::now();
+    let (mut sfu, mut viewer, mid, mut now) = connected_pair(t0);
+    let pt = sfu
+        .rtc
+        .codec_config()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Vp8)
+        .expect("VP8 negotiated")
+        .pt();
+    for _ in 0..10 {
+        now += Duration::from_millis(10);
+        pump(&mut sfu, &mut viewer, now);
+    }
+
+    // 200 packets a second for 5 s; every 25th datagram is lost on the way.
+    const PACKETS: u64 = 1000;
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    let (mut sent, mut lost) = (0u64, 0u64);
+    for i in 0..PACKETS {
+        now += Duration::from_millis(5);
+        // Each payload names its packet, so the viewer can tell which ones arrived.
+        let mut named = i.to_be_bytes().to_vec();
+        named.resize(600, 0xAB);
+        let payload: Arc<[u8]> = named.into();
+        let write = RtpWrite::new(pt, (i + 1).into(), (i * 450) as u32, now, payload)
+            .nackable(true);
+        match sfu.rtc.send_rtp_now(mid, write, now, &mut buf) {
+            Ok(Some(t)) => {
+                if i % 25 == 12 {
+                    lost += 1;
+                } else {
+                    viewer.receive(now, &t);
+                }
+                buf = t.contents.into();
+                sent += 1;
+            }
+            Ok(None) => panic!("packet {i} dropped"),
+            Err(_) => panic!("packet {i} was not sent at once"),
+        }
+        pump(&mut sfu, &mut viewer, now);
+    }
+    // Time for the last NACKs and their resends.
+    for _ in 0..100 {
+        now += Duration::from_millis(10);
+        pump(&mut sfu, &mut viewer, now);
+    }
+    let mut seen: Vec<u64> = viewer
+        .received
+        .drain(..)
+        .map(|p| u64::from_be_bytes(p[..8].try_into().unwrap()))
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    let missing: Vec<u64> = (0..PACKETS).filter(|i| seen.binary_search(i).is_err()).collect();
+    println!(
+        "sent {sent}, lost {lost} on the way, {} distinct arrived",
+        seen.len()
+    );
+    assert_eq!(sent, PACKETS);
+    assert!(lost >= 39, "the test lost packets ({lost})");
+    assert!(
+        missing.is_empty(),
+        "never resent: {} packets, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}

@@ -38,7 +38,7 @@ use crate::rtp_::{RtpHeader, SessionId, TwccClusterId, TwccPacketId, extend_u16}
 use crate::rtp_::{SrtpContext, Ssrc};
 use crate::rtp_::{TwccRecvRegister, TwccSendRegister};
 use crate::stats::StatsSnapshot;
-use crate::streams::{RtpPacket, RtpWrite, StreamTimeoutConfig, Streams};
+use crate::streams::{PollFrom, RtpPacket, RtpWrite, StreamTimeoutConfig, Streams};
 use crate::util::{Soonest, SystemTimeExt, already_happened, not_happening};
 use crate::{Reason, net};
 use crate::{RtcConfig, RtcError};
@@ -1312,7 +1312,15 @@ impl Session {
             Some(rtp) => {
                 stream.write_and_poll_packet(rtp, now, exts, twcc, params, buf, detach)?
             }
-            None => stream.poll_packet_from(now, exts, twcc, params, buf, true, detach)?,
+            None => stream.poll_packet_from(
+                now,
+                exts,
+                twcc,
+                params,
+                buf,
+                PollFrom::Queue { resends: true },
+                detach,
+            )?,
         };
 
         let PacketReceipt {

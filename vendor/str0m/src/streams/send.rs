@@ -491,6 +491,12 @@ impl StreamTx {
     ///
     /// The write command carries the RTP payload and optional RTP metadata.
     pub fn write_rtp(&mut self, rtp: RtpWrite) {
+        let packet = self.packet_of(rtp);
+        self.send_queue.push(packet);
+    }
+
+    /// sluice: the packet `write_rtp` queues for `rtp`, not yet timestamped.
+    fn packet_of(&mut self, rtp: RtpWrite) -> RtpPacket {
         let RtpWrite {
             pt,
             seq_no,
@@ -532,7 +538,7 @@ impl StreamTx {
             ..Default::default()
         };
 
-        let packet = RtpPacket {
+        RtpPacket {
             seq_no,
             time: media_time,
             header,
@@ -550,9 +556,7 @@ impl StreamTx {
 
             // This is only relevant for incoming RTP packets.
             last_sender_info: None,
-        };
-
-        self.send_queue.push(packet);
+        }
     }
 
     fn padding_enabled(&self) -> bool {
@@ -569,7 +573,7 @@ impl StreamTx {
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
     ) -> Option<PacketReceipt> {
-        self.poll_packet_from(now, exts, twcc, params, buf, true, false)
+        self.poll_packet_from(now, exts, twcc, params, buf, PollFrom::Queue { resends: true }, false)
     }
 
     /// sluice: true once a timeout has set the stream up (its kind, for sender reports) and
@@ -578,10 +582,11 @@ impl StreamTx {
         self.kind.is_some() && self.send_queue.is_empty()
     }
 
-    /// sluice: write one packet and take it straight back out of the queue (which must be
-    /// empty), skipping pending resends: the regular-packet half of `poll_packet` at `now`,
-    /// without waiting for a `handle_timeout` to stamp the queue. `detach_body` as for
-    /// `poll_packet_from`.
+    /// sluice: send one packet written now, as if it had been written to the queue (which must
+    /// be empty), stamped by a `handle_timeout` at `now` and polled, skipping pending resends:
+    /// the regular-packet half of `poll_packet`. The packet never enters the queue, which would
+    /// be back where it was once it had gone out again; only the time it last emitted moves.
+    /// `detach_body` as for `poll_packet_from`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_and_poll_packet(
         &mut self,
@@ -594,18 +599,32 @@ impl StreamTx {
         detach_body: bool,
     ) -> Option<PacketReceipt> {
         debug_assert!(self.send_queue.is_empty());
-        self.write_rtp(rtp);
-        self.send_queue.handle_timeout(now);
+        if self.ssrc.is_probe() && twcc.is_none() {
+            // `poll_packet_from` would leave it where it is: queued.
+            self.write_rtp(rtp);
+            self.send_queue.handle_timeout(now);
+            return None;
+        }
+        let mut packet = self.packet_of(rtp);
+        packet.timestamp = now;
         // `poll_packet` ages the byte histories behind the resend ratio cap when it looks for
         // resends. Skipping that look must not skip the ageing, or the history of every packet
         // sent this way is kept for as long as the stream lives.
         if self.rtx_ratio_cap.is_some() {
             self.rtx_ratio_downsampled(now);
         }
-        self.poll_packet_from(now, exts, twcc, params, buf, false, detach_body)
+        let from = PollFrom::Written(&mut packet);
+        let receipt = self.poll_packet_from(now, exts, twcc, params, buf, from, detach_body);
+        // Sent, or dropped for a PT the media lacks: either way the queue would have popped it.
+        self.send_queue.mark_emitted(now);
+        if receipt.is_some() && packet.nackable {
+            self.rtx_cache.cache_sent_packet(packet, now);
+        }
+        receipt
     }
 
-    /// `poll_packet`, with sluice's two choices: `resends: false` skips pending resends, and
+    /// `poll_packet`, with sluice's two choices: `from` says where the packet comes from (the
+    /// queue, with or without pending resends first, or a packet written now), and
     /// `detach_body: true` leaves a regular packet's payload out of `buf` (which then holds the
     /// header only, in `buf[..header.header_len]`) and hands it back in the receipt's `body`,
     /// so that SRTP reads it from where it already is instead of from a copy.
@@ -617,7 +636,7 @@ impl StreamTx {
         twcc: Option<&mut u64>,
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
-        resends: bool,
+        from: PollFrom<'_>,
         detach_body: bool,
     ) -> Option<PacketReceipt> {
         let mid = self.midrid.mid();
@@ -630,12 +649,27 @@ impl StreamTx {
         let remote_acked_ssrc = self.remote_acked_ssrc;
         let remote_acked_rtx_ssrc = self.remote_acked_rtx_ssrc;
 
+        let (resends, written) = match from {
+            PollFrom::Queue { resends } => (resends, None),
+            PollFrom::Written(pkt) => (false, Some(pkt)),
+        };
+        // A written packet is the caller's to cache; a regular one is popped from the queue.
+        let from_queue = written.is_none();
         let resend = if resends {
             self.poll_packet_resend(now)
         } else {
             None
         };
-        let (next, is_padding) = if let Some(next) = resend {
+        let (next, is_padding) = if let Some(pkt) = written {
+            Self::count_regular(&mut self.stats, pkt, now);
+            let seq_no = pkt.seq_no;
+            let next = NextPacket {
+                kind: NextPacketKind::Regular,
+                seq_no,
+                pkt,
+            };
+            (next, false)
+        } else if let Some(next) = resend {
             (next, false)
         } else if let Some(next) = self.poll_packet_regular(now) {
             (next, false)
@@ -644,7 +678,7 @@ impl StreamTx {
             (next, true)
         };
 
-        let pop_send_queue = next.kind == NextPacketKind::Regular;
+        let pop_send_queue = from_queue && next.kind == NextPacketKind::Regular;
 
         // Need the header for the receipt and modifications
         // TODO: Can we remove this?
@@ -978,17 +1012,21 @@ impl StreamTx {
         })
     }
 
+    /// The statistics of a regular packet about to go out.
+    fn count_regular(stats: &mut StreamTxStats, pkt: &RtpPacket, now: Instant) {
+        let len = pkt.payload.len() as u64;
+        stats.update_packet_counts(len, false);
+        if let Some(h) = &mut stats.bytes_transmitted {
+            h.push(now, len)
+        }
+    }
+
     fn poll_packet_regular(&mut self, now: Instant) -> Option<NextPacket<'_>> {
         // exit via ? here is ok since that means there is nothing to send.
         // The packet remains in the head of the send queue until we
         // finish poll_packet, at which point we move it to the cache.
         let pkt = self.send_queue.peek()?;
-
-        let len = pkt.payload.len() as u64;
-        self.stats.update_packet_counts(len, false);
-        if let Some(h) = &mut self.stats.bytes_transmitted {
-            h.push(now, len)
-        }
+        Self::count_regular(&mut self.stats, pkt, now);
 
         let seq_no = pkt.seq_no;
 
@@ -1434,6 +1472,14 @@ impl StreamTx {
     pub(crate) fn is_midrid(&self, midrid: MidRid) -> bool {
         midrid.special_equals(&self.midrid)
     }
+}
+
+/// sluice: where `StreamTx::poll_packet_from` takes its packet from.
+pub(crate) enum PollFrom<'a> {
+    /// The send queue: pending resends first when `resends`, then its head, then padding.
+    Queue { resends: bool },
+    /// This packet, written now (`write_and_poll_packet`); the caller caches it for resends.
+    Written(&'a mut RtpPacket),
 }
 
 struct NextPacket<'a> {

@@ -82,6 +82,13 @@ impl SendQueue {
         self.queue.is_empty()
     }
 
+    /// sluice: a packet that never entered the (empty) queue went out at `now`; what a push, a
+    /// timestamp and a pop would have left behind.
+    pub fn mark_emitted(&mut self, now: Instant) {
+        debug_assert!(self.queue.is_empty());
+        self.last_emitted = Some(now);
+    }
+
     pub fn last(&self) -> Option<&RtpPacket> {
         self.queue.back()
     }
