@@ -282,8 +282,8 @@ fn packets_sent_at_once_are_resent_when_the_viewer_asks() {
         let mut named = i.to_be_bytes().to_vec();
         named.resize(600, 0xAB);
         let payload: Arc<[u8]> = named.into();
-        let write = RtpWrite::new(pt, (i + 1).into(), (i * 450) as u32, now, payload)
-            .nackable(true);
+        let write =
+            RtpWrite::new(pt, (i + 1).into(), (i * 450) as u32, now, payload).nackable(true);
         match sfu.rtc.send_rtp_now(mid, write, now, &mut buf) {
             Ok(Some(t)) => {
                 if i % 25 == 12 {
@@ -311,7 +311,9 @@ fn packets_sent_at_once_are_resent_when_the_viewer_asks() {
         .collect();
     seen.sort_unstable();
     seen.dedup();
-    let missing: Vec<u64> = (0..PACKETS).filter(|i| seen.binary_search(i).is_err()).collect();
+    let missing: Vec<u64> = (0..PACKETS)
+        .filter(|i| seen.binary_search(i).is_err())
+        .collect();
     println!(
         "sent {sent}, lost {lost} on the way, {} distinct arrived",
         seen.len()
