@@ -8,11 +8,43 @@ use str0m::bwe::Bitrate;
 use str0m::change::SdpOffer;
 use str0m::format::{CodecConfig, PayloadParams};
 use str0m::media::{Direction, MediaKind, Mid};
+use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, Rtc, RtcConfig};
 
 /// Where a viewer's bandwidth estimate starts: enough for a middle simulcast layer; probing
 /// finds out within seconds whether more fits.
 const VIEWER_INITIAL_BWE_KBPS: u64 = 1_000;
+
+/// Which bandwidth estimate a peer connection's media feeds, and so which header extensions it
+/// negotiates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Estimate {
+    /// A publisher: sluice receives and reports transport-wide feedback, which the client's own
+    /// estimator paces its uplink by. Every extension str0m offers.
+    Uplink,
+    /// A viewer whose downlink sluice estimates from transport-wide feedback (simulcast layer
+    /// choice). Every extension str0m offers.
+    Downlink,
+    /// A viewer or room subscriber with no estimator. Neither abs-send-time nor transport-wide
+    /// sequence numbers are negotiated: they exist only for an estimator, and with them the client
+    /// would report on every packet (transport-wide feedback every 50 to 100 ms) for sluice to
+    /// decrypt and discard.
+    None,
+}
+
+/// str0m's standard extensions without the two that only a bandwidth estimator reads.
+fn extensions_without_estimator() -> ExtensionMap {
+    let mut exts = ExtensionMap::empty();
+    for (id, ext) in ExtensionMap::standard().iter() {
+        if !matches!(
+            ext,
+            Extension::AbsoluteSendTime | Extension::TransportSequenceNumber
+        ) {
+            exts.set(id, ext.clone());
+        }
+    }
+    exts
+}
 
 /// Why an offer was refused; each maps to a `400` with this text.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +85,7 @@ impl PeerTemplate {
         Ok(PeerTemplate { cert })
     }
 
-    fn config(&self, codecs: Option<&[PayloadParams]>, bwe: bool) -> RtcConfig {
+    fn config(&self, codecs: Option<&[PayloadParams]>, estimate: Estimate) -> RtcConfig {
         let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
             .set_rtp_mode(true)
@@ -62,8 +94,12 @@ impl PeerTemplate {
         if let Some(codecs) = codecs {
             *cfg.codec_config() = CodecConfig::new_from_payload_params(codecs.to_vec());
         }
-        if bwe {
-            cfg = cfg.enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)));
+        match estimate {
+            Estimate::Uplink => {}
+            Estimate::Downlink => {
+                cfg = cfg.enable_bwe(Some(Bitrate::kbps(VIEWER_INITIAL_BWE_KBPS)));
+            }
+            Estimate::None => cfg = cfg.set_extension_map(extensions_without_estimator()),
         }
         cfg
     }
@@ -74,13 +110,14 @@ impl PeerTemplate {
         offer: &str,
         candidates: &[SocketAddr],
     ) -> Result<Negotiated, NegotiationError> {
-        self.negotiate(offer, candidates, None, true, false)
+        self.negotiate(offer, candidates, None, true, Estimate::Uplink)
     }
 
     /// Negotiate a viewer (WHEP): only the publisher's codecs are on offer. With `bwe` (the
     /// stream's video is simulcast), the viewer's downlink is estimated (TWCC), which picks its
     /// layer. Without simulcast there is nothing to adapt, and str0m's pacer, which paces at the
-    /// estimate, would only queue a stream that cannot slow down: no estimator then.
+    /// estimate, would only queue a stream that cannot slow down: no estimator then, and no
+    /// extensions that ask the viewer for feedback ([`Estimate::None`]).
     pub fn viewer(
         &self,
         offer: &str,
@@ -88,7 +125,12 @@ impl PeerTemplate {
         codecs: &[PayloadParams],
         bwe: bool,
     ) -> Result<Negotiated, NegotiationError> {
-        self.negotiate(offer, candidates, Some(codecs), false, bwe)
+        let estimate = if bwe {
+            Estimate::Downlink
+        } else {
+            Estimate::None
+        };
+        self.negotiate(offer, candidates, Some(codecs), false, estimate)
     }
 
     /// A room participant's subscribe peer connection: no offer yet (the shard makes them),
@@ -97,7 +139,7 @@ impl PeerTemplate {
         // No bandwidth estimator (see `viewer`): which tracks it will carry is not known yet, and
         // the pacer would queue the ones that cannot adapt. Simulcast layers follow the
         // participant's `layer` messages.
-        let mut rtc = self.config(None, false).build(Instant::now());
+        let mut rtc = self.config(None, Estimate::None).build(Instant::now());
         for addr in candidates {
             let c = Candidate::host(*addr, "udp").map_err(|e| format!("candidate {addr}: {e}"))?;
             rtc.add_local_candidate(c);
@@ -112,10 +154,10 @@ impl PeerTemplate {
         candidates: &[SocketAddr],
         codecs: Option<&[PayloadParams]>,
         publish: bool,
-        bwe: bool,
+        estimate: Estimate,
     ) -> Result<Negotiated, NegotiationError> {
         let now = Instant::now();
-        let mut rtc = self.config(codecs, bwe).build(now);
+        let mut rtc = self.config(codecs, estimate).build(now);
         for addr in candidates {
             let c = Candidate::host(*addr, "udp")
                 .map_err(|e| NegotiationError::Rejected(format!("candidate {addr}: {e}")))?;
@@ -306,6 +348,53 @@ mod tests {
             )
             .unwrap();
         assert!(v.media.iter().all(|m| !m.1), "{:?}", v.media);
+    }
+
+    const TWCC_URI: &str = "transport-wide-cc";
+    const ABS_SEND_TIME_URI: &str = "abs-send-time";
+
+    /// Extensions that only feed an estimator are negotiated where one runs: a publisher's
+    /// (its own, from sluice's feedback) and a simulcast viewer's (sluice's); never for a viewer
+    /// or room subscriber without one, who would otherwise send feedback for nothing.
+    #[test]
+    fn estimator_extensions_only_where_an_estimator_runs() {
+        let t = PeerTemplate::new().unwrap();
+        let host = ["127.0.0.1:40000".parse().unwrap()];
+        let p = t
+            .publisher(&offer(Direction::SendOnly, true), &host)
+            .unwrap();
+        assert!(p.answer.contains(TWCC_URI), "{}", p.answer);
+        assert!(p.answer.contains(ABS_SEND_TIME_URI), "{}", p.answer);
+        let codecs: Vec<PayloadParams> = p.media.iter().flat_map(|m| m.2.clone()).collect();
+
+        let estimated = t
+            .viewer(&offer(Direction::RecvOnly, true), &host, &codecs, true)
+            .unwrap();
+        assert!(estimated.answer.contains(TWCC_URI), "{}", estimated.answer);
+
+        let plain = t
+            .viewer(&offer(Direction::RecvOnly, true), &host, &codecs, false)
+            .unwrap();
+        assert_eq!(plain.media.len(), 2, "{:?}", plain.media);
+        assert!(!plain.answer.contains(TWCC_URI), "{}", plain.answer);
+        assert!(
+            !plain.answer.contains(ABS_SEND_TIME_URI),
+            "{}",
+            plain.answer
+        );
+        assert!(
+            plain.answer.contains("sdes:mid"),
+            "MID stays: {}",
+            plain.answer
+        );
+
+        let (mut sub, _) = t.subscriber(&host).unwrap();
+        let mut api = sub.sdp_api();
+        api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        let (room_offer, _) = api.apply().unwrap();
+        let room_offer = room_offer.to_sdp_string();
+        assert!(!room_offer.contains(TWCC_URI), "{room_offer}");
+        assert!(!room_offer.contains(ABS_SEND_TIME_URI), "{room_offer}");
     }
 
     #[test]
