@@ -3,7 +3,10 @@
 //! as a shard does, on virtual time, with every datagram handed over in memory.
 //!
 //! Each subscriber is an ice-lite RTP-mode `Rtc` (as sluice builds them) connected to a viewer
-//! `Rtc` that offers video with str0m's default header extensions. The run warms up for longer
+//! `Rtc` that offers video with str0m's default header extensions. The subscriber answers with
+//! the extensions sluice negotiates for a viewer without a bandwidth estimator (no abs-send-time,
+//! no transport-wide sequence numbers), or with all of str0m's given `all-extensions` (sessions
+//! 11 and 12 measured that way before sluice dropped the two). The run warms up for longer
 //! than str0m's resend history, so that the history is full and every packet evicts one, as in a
 //! long-lived stream, then measures `PACKETS` packets to every subscriber. The viewers' reports
 //! flow back throughout and are handled by the subscribers' `Rtc`s as a shard would.
@@ -22,13 +25,14 @@
 //!     target/release/examples/forward_cost
 //! ```
 //!
-//! Arguments: `[subscribers] [packets]` (defaults 50 and 600). It prints the wall time per
-//! forwarded packet too, which on a shared VM is only a rough guide.
+//! Arguments: `[subscribers] [packets] [all-extensions]` (defaults 50 and 600). It prints the wall
+//! time per forwarded packet too, which on a shared VM is only a rough guide.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice::control::negotiate::extensions_without_estimator;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive, Transmit};
@@ -73,7 +77,7 @@ fn receive(rtc: &mut Rtc, now: Instant, t: &Transmit) {
 }
 
 impl Sub {
-    fn new(i: u16, t0: Instant) -> Sub {
+    fn new(i: u16, t0: Instant, all_extensions: bool) -> Sub {
         let sfu_addr: SocketAddr = format!("127.0.0.1:{}", 20000 + i).parse().unwrap();
         let viewer_addr: SocketAddr = format!("127.0.0.2:{}", 20000 + i).parse().unwrap();
         let mut viewer = RtcConfig::new().set_rtp_mode(true).build(t0);
@@ -81,10 +85,11 @@ impl Sub {
         let mut api = viewer.sdp_api();
         let mid = api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
         let (offer, pending) = api.apply().unwrap();
-        let mut sfu = RtcConfig::new()
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .build(t0);
+        let mut cfg = RtcConfig::new().set_ice_lite(true).set_rtp_mode(true);
+        if !all_extensions {
+            cfg = cfg.set_extension_map(extensions_without_estimator());
+        }
+        let mut sfu = cfg.build(t0);
         sfu.add_local_candidate(Candidate::host(sfu_addr, "udp").unwrap());
         let answer = sfu.sdp_api().accept_offer(offer).unwrap();
         viewer.sdp_api().accept_answer(pending, answer).unwrap();
@@ -195,9 +200,14 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u16 = args.next().map_or(50, |a| a.parse().expect("subscribers"));
     let packets: u64 = args.next().map_or(600, |a| a.parse().expect("packets"));
+    let all_extensions = match args.next().as_deref() {
+        None => false,
+        Some("all-extensions") => true,
+        Some(other) => panic!("unknown argument {other}: expected all-extensions"),
+    };
 
     let t0 = Instant::now();
-    let mut subs: Vec<Sub> = (0..n).map(|i| Sub::new(i, t0)).collect();
+    let mut subs: Vec<Sub> = (0..n).map(|i| Sub::new(i, t0, all_extensions)).collect();
     let mut now = t0;
     while !subs.iter().all(|s| s.connected) {
         feedback(&mut subs, now);

@@ -32,8 +32,9 @@ enum Estimate {
     None,
 }
 
-/// str0m's standard extensions without the two that only a bandwidth estimator reads.
-fn extensions_without_estimator() -> ExtensionMap {
+/// str0m's standard extensions without the two that only a bandwidth estimator reads: what a
+/// connection without an estimator negotiates ([`Estimate::None`]).
+pub fn extensions_without_estimator() -> ExtensionMap {
     let mut exts = ExtensionMap::empty();
     for (id, ext) in ExtensionMap::standard().iter() {
         if !matches!(
