@@ -10,6 +10,8 @@
 //!   heap flat between the 10th and the 70th second. (The byte history behind str0m's resend
 //!   ratio cap was aged only where str0m looks for resends, which `send_rtp_now` skips, so it
 //!   grew by one entry per packet for as long as the subscriber lived.)
+//! - A packet sent this way never enters str0m's send queue, yet lands in the resend history: a
+//!   datagram lost on the way comes back when the viewer NACKs it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;

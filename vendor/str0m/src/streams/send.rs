@@ -573,7 +573,8 @@ impl StreamTx {
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
     ) -> Option<PacketReceipt> {
-        self.poll_packet_from(now, exts, twcc, params, buf, PollFrom::Queue { resends: true }, false)
+        let from = PollFrom::Queue { resends: true };
+        self.poll_packet_from(now, exts, twcc, params, buf, from, false)
     }
 
     /// sluice: true once a timeout has set the stream up (its kind, for sender reports) and
@@ -599,6 +600,12 @@ impl StreamTx {
         detach_body: bool,
     ) -> Option<PacketReceipt> {
         debug_assert!(self.send_queue.is_empty());
+        // `poll_packet` ages the byte histories behind the resend ratio cap when it looks for
+        // resends. Skipping that look must not skip the ageing, or the history of every packet
+        // sent this way is kept for as long as the stream lives.
+        if self.rtx_ratio_cap.is_some() {
+            self.rtx_ratio_downsampled(now);
+        }
         if self.ssrc.is_probe() && twcc.is_none() {
             // `poll_packet_from` would leave it where it is: queued.
             self.write_rtp(rtp);
@@ -607,12 +614,6 @@ impl StreamTx {
         }
         let mut packet = self.packet_of(rtp);
         packet.timestamp = now;
-        // `poll_packet` ages the byte histories behind the resend ratio cap when it looks for
-        // resends. Skipping that look must not skip the ageing, or the history of every packet
-        // sent this way is kept for as long as the stream lives.
-        if self.rtx_ratio_cap.is_some() {
-            self.rtx_ratio_downsampled(now);
-        }
         let from = PollFrom::Written(&mut packet);
         let receipt = self.poll_packet_from(now, exts, twcc, params, buf, from, detach_body);
         // Sent, or dropped for a PT the media lacks: either way the queue would have popped it.
@@ -1012,7 +1013,8 @@ impl StreamTx {
         })
     }
 
-    /// The statistics of a regular packet about to go out.
+    /// sluice: the statistics of a regular packet about to go out (`poll_packet_regular`'s, for a
+    /// written packet too).
     fn count_regular(stats: &mut StreamTxStats, pkt: &RtpPacket, now: Instant) {
         let len = pkt.payload.len() as u64;
         stats.update_packet_counts(len, false);
