@@ -12,6 +12,8 @@
 //!   grew by one entry per packet for as long as the subscriber lived.)
 //! - A packet sent this way never enters str0m's send queue, yet lands in the resend history: a
 //!   datagram lost on the way comes back when the viewer NACKs it.
+//! - MID is sent only until the viewer's receiver report names the stream's SSRC, also on a
+//!   stream with an RTX SSRC (str0m took no report as the binding there).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
@@ -69,6 +71,8 @@ struct Side {
     connected: bool,
     /// RTP payloads received, in order (the viewer's).
     received: Vec<Vec<u8>>,
+    /// Whether each packet received carried a MID header extension, in order.
+    with_mid: Vec<bool>,
 }
 
 impl Side {
@@ -79,6 +83,7 @@ impl Side {
             timeout: now,
             connected: false,
             received: Vec::new(),
+            with_mid: Vec::new(),
         }
     }
 
@@ -93,7 +98,10 @@ impl Side {
                 }
                 Output::Transmit(t) => out.push(t),
                 Output::Event(Event::Connected) => self.connected = true,
-                Output::Event(Event::RtpPacket(p)) => self.received.push(p.payload.to_vec()),
+                Output::Event(Event::RtpPacket(p)) => {
+                    self.with_mid.push(p.header.ext_vals.mid.is_some());
+                    self.received.push(p.payload.to_vec());
+                }
                 Output::Event(_) => {}
             }
         }
@@ -327,5 +335,51 @@ fn packets_sent_at_once_are_resent_when_the_viewer_asks() {
         "never resent: {} packets, first {:?}",
         missing.len(),
         &missing[..missing.len().min(10)]
+    );
+}
+
+/// BUNDLE lets a sender drop the MID extension once the receiver has bound the SSRC, which a
+/// receiver report on it shows. A video stream has an RTX SSRC, and str0m used to take a report
+/// as that binding only on streams without one, so MID went out on every packet.
+#[test]
+fn mid_stops_once_the_viewer_reports_on_the_ssrc() {
+    let t0 = Instant::now();
+    let (mut sfu, mut viewer, mid, mut now) = connected_pair(t0);
+    let pt = sfu
+        .rtc
+        .codec_config()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Vp8)
+        .expect("VP8 negotiated")
+        .pt();
+    for _ in 0..10 {
+        now += Duration::from_millis(10);
+        pump(&mut sfu, &mut viewer, now);
+    }
+    let payload: Arc<[u8]> = vec![7u8; 500].into();
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    // 200 packets a second for 3 s: the viewer reports once a second.
+    for i in 0..600u64 {
+        now += Duration::from_millis(5);
+        let write = RtpWrite::new(pt, (i + 1).into(), (i * 450) as u32, now, payload.clone())
+            .nackable(true);
+        let t = sfu
+            .rtc
+            .send_rtp_now(mid, write, now, &mut buf)
+            .ok()
+            .flatten()
+            .expect("sent at once");
+        viewer.receive(now, &t);
+        buf = t.contents.into();
+        pump(&mut sfu, &mut viewer, now);
+    }
+    let with_mid = std::mem::take(&mut viewer.with_mid);
+    assert_eq!(with_mid.len(), 600, "every packet arrived");
+    assert!(with_mid[0], "the first packets carry MID");
+    let last_second = &with_mid[400..];
+    assert!(
+        last_second.iter().all(|m| !m),
+        "MID still on {} of the last 200 packets",
+        last_second.iter().filter(|m| **m).count()
     );
 }
