@@ -1,8 +1,10 @@
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
 use crate::io::DATAGRAM_MAX_PACKET_SIZE;
-use crate::rtp_::SeqNo;
+use crate::packet::Vp8Patch;
+use crate::rtp_::{ExtensionValues, MediaTime, Pt, RtpHeader, SeqNo, Ssrc, VideoOrientation};
 
 use super::RtpPacket;
 use super::rtx_cache_buf::EvictingBuffer;
@@ -13,12 +15,156 @@ const RTX_CACHE_QUANTIZE_SLOTS: usize = DATAGRAM_MAX_PACKET_SIZE / RTX_CACHE_SIZ
 #[derive(Debug)]
 pub(crate) struct RtxCache {
     // Data, new additions here probably need to be cleared in [`clear`].
-    packet_by_seq_no: EvictingBuffer<RtpPacket>,
+    packet_by_seq_no: EvictingBuffer<Cached>,
 
     // Technically we want [Option<SeqNo>; X] to indicate the absence of
     // a SeqNo. However We can half the storage space by using the sentinel
     // values SeqNo::MAX to indicate None
     seq_no_by_quantized_size: [SeqNo; RTX_CACHE_QUANTIZE_SLOTS],
+
+    /// sluice: the last compact entry handed out, rebuilt as a whole packet.
+    rebuilt: Option<RtpPacket>,
+}
+
+/// sluice: a sent packet as the history keeps it. Most are kept compact, in about a third of the
+/// space of an `RtpPacket` (408 bytes, 288 of them its header), because the history is written
+/// once per packet sent and read only for resends: at 640 entries per stream, whole packets made
+/// every send a write to memory that had left the cache seconds before.
+#[derive(Debug)]
+enum Cached {
+    Compact(CompactPacket),
+    /// Anything the compact form cannot hold exactly: CSRCs, a sender info, extension values
+    /// beyond the three below (a MID or RID not yet acknowledged, abs-capture-time, ...).
+    Whole(Box<RtpPacket>),
+}
+
+/// sluice: what is left of a packet once everything a header built by `StreamTx::write_rtp`
+/// holds at its default is dropped.
+#[derive(Debug)]
+struct CompactPacket {
+    seq_no: SeqNo,
+    time: MediaTime,
+    payload: Arc<[u8]>,
+    timestamp: Instant,
+    vp8_patch: Option<Vp8Patch>,
+    rtp_time: u32,
+    ssrc: Ssrc,
+    sequence_number: u16,
+    payload_type: Pt,
+    marker: bool,
+    audio_level: Option<i8>,
+    voice_activity: Option<bool>,
+    video_orientation: Option<VideoOrientation>,
+}
+
+impl CompactPacket {
+    /// The header a packet with these values has, everything else at its default.
+    #[allow(clippy::too_many_arguments)]
+    fn header_of(
+        rtp_time: u32,
+        ssrc: Ssrc,
+        sequence_number: u16,
+        payload_type: Pt,
+        marker: bool,
+        audio_level: Option<i8>,
+        voice_activity: Option<bool>,
+        video_orientation: Option<VideoOrientation>,
+    ) -> RtpHeader {
+        RtpHeader {
+            sequence_number,
+            marker,
+            payload_type,
+            timestamp: rtp_time,
+            ssrc,
+            ext_vals: ExtensionValues {
+                audio_level,
+                voice_activity,
+                video_orientation,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn header(&self) -> RtpHeader {
+        Self::header_of(
+            self.rtp_time,
+            self.ssrc,
+            self.sequence_number,
+            self.payload_type,
+            self.marker,
+            self.audio_level,
+            self.voice_activity,
+            self.video_orientation,
+        )
+    }
+
+    fn packet(&self) -> RtpPacket {
+        RtpPacket {
+            seq_no: self.seq_no,
+            time: self.time,
+            header: self.header(),
+            payload: self.payload.clone(),
+            vp8_patch: self.vp8_patch,
+            timestamp: self.timestamp,
+            last_sender_info: None,
+            nackable: true,
+        }
+    }
+}
+
+impl Cached {
+    /// Compact when the compact form gives back exactly this packet.
+    fn new(packet: RtpPacket) -> Cached {
+        let h = &packet.header;
+        let e = &h.ext_vals;
+        let exact = packet.last_sender_info.is_none()
+            && packet.nackable
+            && CompactPacket::header_of(
+                h.timestamp,
+                h.ssrc,
+                h.sequence_number,
+                h.payload_type,
+                h.marker,
+                e.audio_level,
+                e.voice_activity,
+                e.video_orientation,
+            ) == *h;
+        if !exact {
+            return Cached::Whole(Box::new(packet));
+        }
+        let RtpPacket {
+            seq_no,
+            time,
+            header,
+            payload,
+            vp8_patch,
+            timestamp,
+            ..
+        } = packet;
+        Cached::Compact(CompactPacket {
+            seq_no,
+            time,
+            payload,
+            timestamp,
+            vp8_patch,
+            rtp_time: header.timestamp,
+            ssrc: header.ssrc,
+            sequence_number: header.sequence_number,
+            payload_type: header.payload_type,
+            marker: header.marker,
+            audio_level: header.ext_vals.audio_level,
+            voice_activity: header.ext_vals.voice_activity,
+            video_orientation: header.ext_vals.video_orientation,
+        })
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            Cached::Compact(c) => &c.payload,
+            Cached::Whole(p) => &p.payload,
+        }
+    }
 }
 
 impl RtxCache {
@@ -26,6 +172,7 @@ impl RtxCache {
         Self {
             packet_by_seq_no: EvictingBuffer::new(10, max_packet_age, max_packet_count),
             seq_no_by_quantized_size: [SeqNo::MAX; RTX_CACHE_QUANTIZE_SLOTS],
+            rebuilt: None,
         }
     }
 
@@ -33,7 +180,8 @@ impl RtxCache {
         assert!(packet.nackable);
         let seq_no = packet.seq_no;
         let quantized_size = packet.payload.len() / RTX_CACHE_SIZE_QUANTIZER;
-        self.packet_by_seq_no.push(*seq_no, now, packet);
+        self.packet_by_seq_no
+            .push(*seq_no, now, Cached::new(packet));
         self.seq_no_by_quantized_size[quantized_size] = seq_no;
         self.remove_old_packets(now);
     }
@@ -42,8 +190,13 @@ impl RtxCache {
         Some(self.packet_by_seq_no.last_position()?.into())
     }
 
+    /// sluice: a compact entry comes back rebuilt, so changes made through the reference last
+    /// only until the next lookup (the resend path changes only the copy it sends).
     pub fn get_cached_packet_by_seq_no(&mut self, seq_no: SeqNo) -> Option<&mut RtpPacket> {
-        self.packet_by_seq_no.get_mut(*seq_no)
+        match self.packet_by_seq_no.get_mut(*seq_no)? {
+            Cached::Whole(p) => Some(p),
+            Cached::Compact(c) => Some(self.rebuilt.insert(c.packet())),
+        }
     }
 
     pub fn get_cached_packet_smaller_than(&mut self, max_size: usize) -> Option<&mut RtpPacket> {
@@ -64,12 +217,13 @@ impl RtxCache {
 
     pub(crate) fn last_packet(&self) -> Option<&[u8]> {
         let packet = self.packet_by_seq_no.last()?;
-        Some(packet.payload.as_ref())
+        Some(packet.payload())
     }
 
     pub(crate) fn clear(&mut self) {
         self.packet_by_seq_no.clear();
         self.seq_no_by_quantized_size = [SeqNo::MAX; RTX_CACHE_QUANTIZE_SLOTS];
+        self.rebuilt = None;
     }
 }
 
@@ -95,6 +249,60 @@ mod test {
             last_sender_info: None,
             nackable: true,
         }
+    }
+
+    /// sluice: a packet is kept compact only when it comes back exactly as it went in; any
+    /// other comes back whole. Both give back the packet cached.
+    #[test]
+    fn compact_and_whole_entries_come_back_unchanged() {
+        let now = Instant::now();
+        let mut rtx_cache = RtxCache::new(100, Duration::from_secs(3));
+        let plain = |seq_no: u64| {
+            let mut p = packet(now, seq_no, seq_no);
+            p.header.marker = true;
+            p.header.payload_type = 96.into();
+            p.header.sequence_number = seq_no as u16;
+            p.header.timestamp = 90_000;
+            p.header.ssrc = 1234.into();
+            p.header.ext_vals.audio_level = Some(-30);
+            p.header.ext_vals.voice_activity = Some(true);
+            p
+        };
+        let with_mid = |seq_no: u64| {
+            let mut p = plain(seq_no);
+            p.header.ext_vals.mid = Some("0".into());
+            p
+        };
+        let with_csrc = |seq_no: u64| {
+            let mut p = plain(seq_no);
+            p.header.csrc_count = 1;
+            p.header.csrc[0] = 99;
+            p
+        };
+        rtx_cache.cache_sent_packet(plain(1), now);
+        rtx_cache.cache_sent_packet(with_mid(2), now);
+        rtx_cache.cache_sent_packet(with_csrc(3), now);
+        let kept = |c: &RtxCache, seq_no: u64| match c.packet_by_seq_no.get(seq_no) {
+            Some(Cached::Compact(_)) => "compact",
+            Some(Cached::Whole(_)) => "whole",
+            None => "none",
+        };
+        assert_eq!(kept(&rtx_cache, 1), "compact");
+        assert_eq!(kept(&rtx_cache, 2), "whole");
+        assert_eq!(kept(&rtx_cache, 3), "whole");
+        assert_eq!(
+            Some(&mut plain(1)),
+            rtx_cache.get_cached_packet_by_seq_no(1.into())
+        );
+        assert_eq!(
+            Some(&mut with_mid(2)),
+            rtx_cache.get_cached_packet_by_seq_no(2.into())
+        );
+        assert_eq!(
+            Some(&mut with_csrc(3)),
+            rtx_cache.get_cached_packet_by_seq_no(3.into())
+        );
+        assert_eq!(rtx_cache.last_packet(), Some(&3u64.to_be_bytes()[..]));
     }
 
     #[test]
