@@ -26,15 +26,16 @@ pub(crate) struct RtxCache {
     rebuilt: Option<RtpPacket>,
 }
 
-/// sluice: a sent packet as the history keeps it. Most are kept compact, in about a third of the
-/// space of an `RtpPacket` (408 bytes, 288 of them its header), because the history is written
+/// sluice: a sent packet as the history keeps it. Most are kept compact, in about a quarter of
+/// the space of an `RtpPacket` (408 bytes, 288 of them its header), because the history is written
 /// once per packet sent and read only for resends: at 640 entries per stream, whole packets made
 /// every send a write to memory that had left the cache seconds before.
 #[derive(Debug)]
 enum Cached {
     Compact(CompactPacket),
     /// Anything the compact form cannot hold exactly: CSRCs, a sender info, extension values
-    /// beyond the three below (a MID or RID not yet acknowledged, abs-capture-time, ...).
+    /// other than the three `CompactPacket` keeps (a MID or RID not yet acknowledged,
+    /// abs-capture-time, ...).
     Whole(Box<RtpPacket>),
 }
 
@@ -180,8 +181,7 @@ impl RtxCache {
         assert!(packet.nackable);
         let seq_no = packet.seq_no;
         let quantized_size = packet.payload.len() / RTX_CACHE_SIZE_QUANTIZER;
-        self.packet_by_seq_no
-            .push(*seq_no, now, Cached::new(packet));
+        self.packet_by_seq_no.push(*seq_no, now, Cached::new(packet));
         self.seq_no_by_quantized_size[quantized_size] = seq_no;
         self.remove_old_packets(now);
     }
