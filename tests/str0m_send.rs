@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive, Transmit};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
@@ -164,6 +164,24 @@ fn connected_pair(t0: Instant) -> (Side, Side, Mid, Instant) {
     (sfu, viewer, mid, now)
 }
 
+/// `connected_pair`, then the VP8 payload type and 100 ms of virtual time for the stream to see
+/// its first timeout (str0m sets its kind there, and only then sends at once).
+fn ready_to_send(t0: Instant) -> (Side, Side, Mid, Pt, Instant) {
+    let (mut sfu, mut viewer, mid, mut now) = connected_pair(t0);
+    let pt = sfu
+        .rtc
+        .codec_config()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Vp8)
+        .expect("VP8 negotiated")
+        .pt();
+    for _ in 0..10 {
+        now += Duration::from_millis(10);
+        pump(&mut sfu, &mut viewer, now);
+    }
+    (sfu, viewer, mid, pt, now)
+}
+
 /// Check and drop what the viewer received; how many.
 fn check(viewer: &mut Side, payload: &[u8]) -> u64 {
     let n = viewer.received.len() as u64;
@@ -175,20 +193,7 @@ fn check(viewer: &mut Side, payload: &[u8]) -> u64 {
 
 #[test]
 fn send_rtp_now_delivers_every_packet_into_the_given_buffer_and_keeps_memory_bounded() {
-    let t0 = Instant::now();
-    let (mut sfu, mut viewer, mid, mut now) = connected_pair(t0);
-    let pt = sfu
-        .rtc
-        .codec_config()
-        .iter()
-        .find(|p| p.spec().codec == Codec::Vp8)
-        .expect("VP8 negotiated")
-        .pt();
-    // Let the stream see its first timeout (str0m sets its kind there).
-    for _ in 0..10 {
-        now += Duration::from_millis(10);
-        pump(&mut sfu, &mut viewer, now);
-    }
+    let (mut sfu, mut viewer, mid, pt, mut now) = ready_to_send(Instant::now());
 
     // 1,000 packets a second for 70 s: a 1,100-byte payload shared by every packet, as a
     // publisher's packet is shared by its subscribers.
@@ -268,19 +273,7 @@ fn send_rtp_now_delivers_every_packet_into_the_given_buffer_and_keeps_memory_bou
 /// back as a resend, and every sequence number arrives.
 #[test]
 fn packets_sent_at_once_are_resent_when_the_viewer_asks() {
-    let t0 = Instant::now();
-    let (mut sfu, mut viewer, mid, mut now) = connected_pair(t0);
-    let pt = sfu
-        .rtc
-        .codec_config()
-        .iter()
-        .find(|p| p.spec().codec == Codec::Vp8)
-        .expect("VP8 negotiated")
-        .pt();
-    for _ in 0..10 {
-        now += Duration::from_millis(10);
-        pump(&mut sfu, &mut viewer, now);
-    }
+    let (mut sfu, mut viewer, mid, pt, mut now) = ready_to_send(Instant::now());
 
     // 200 packets a second for 5 s; every 25th datagram is lost on the way.
     const PACKETS: u64 = 1000;
@@ -343,19 +336,7 @@ fn packets_sent_at_once_are_resent_when_the_viewer_asks() {
 /// as that binding only on streams without one, so MID went out on every packet.
 #[test]
 fn mid_stops_once_the_viewer_reports_on_the_ssrc() {
-    let t0 = Instant::now();
-    let (mut sfu, mut viewer, mid, mut now) = connected_pair(t0);
-    let pt = sfu
-        .rtc
-        .codec_config()
-        .iter()
-        .find(|p| p.spec().codec == Codec::Vp8)
-        .expect("VP8 negotiated")
-        .pt();
-    for _ in 0..10 {
-        now += Duration::from_millis(10);
-        pump(&mut sfu, &mut viewer, now);
-    }
+    let (mut sfu, mut viewer, mid, pt, mut now) = ready_to_send(Instant::now());
     let payload: Arc<[u8]> = vec![7u8; 500].into();
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     // 200 packets a second for 3 s: the viewer reports once a second.
