@@ -26,6 +26,8 @@ RAMP_RATE=${RAMP_RATE:-10}
 RAMP_SECONDS=${RAMP_SECONDS:-90}
 RAMP_MAX_P99_MS=${RAMP_MAX_P99_MS:-50}
 MULTI_PUBS=${MULTI_PUBS:-8}
+# media.busy_poll_us of the half-capacity case run again with busy polling (0: that case is skipped).
+BUSY_POLL_US=${BUSY_POLL_US:-2000}
 MEETING=${MEETING:-0}
 MEETING_PARTICIPANTS=${MEETING_PARTICIPANTS:-6}
 HTTP_PORT=${HTTP_PORT:-18480}
@@ -97,6 +99,7 @@ start_sluice() {
     SLUICE_MEDIA_LISTEN_IPS=127.0.0.1 \
     SLUICE_MEDIA_IO=$io \
     SLUICE_MEDIA_PIN_CORES=false \
+    SLUICE_MEDIA_BUSY_POLL_US=${SFU_BUSY_POLL_US:-0} \
     SLUICE_TURN_ENABLED=false \
     SLUICE_LIMITS_MAX_PEERS=50000 \
     SLUICE_LOG_LEVEL=${SFU_LOG_LEVEL:-warn} \
@@ -318,6 +321,14 @@ if [ -f "$OUT/ramp-multi-uring.json" ]; then
     if [ "$HALF" -ge 1 ]; then
         run_case fanout-half-multi-uring uring "half of the $MULTI_PUBS-publisher ramp's capacity ($CAP)" \
             fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION"
+        # The same load with busy polling: the shard spins instead of sleeping between packets,
+        # so no packet waits for it to wake (its core is then always busy: the egress per
+        # CPU-second of this row measures the spinning too, not the work).
+        if [ "$BUSY_POLL_US" -gt 0 ]; then
+            SFU_BUSY_POLL_US=$BUSY_POLL_US run_case fanout-half-multi-poll-uring uring \
+                "as the row above, with media.busy_poll_us=$BUSY_POLL_US (CPU-seconds include the polling)" \
+                fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION"
+        fi
     fi
 fi
 # Optional (MEETING=1, or named in CASES): N participants in one /ws room, everyone to everyone.

@@ -123,6 +123,7 @@ fn start_with(
             ice_timeout: Duration::from_millis(config.media.ice_timeout_ms),
             keyframe_min_interval: Duration::from_millis(config.media.keyframe_min_interval_ms),
             send_chunk: config.media.send_chunk,
+            busy_poll: Duration::from_micros(config.media.busy_poll_us),
         };
         let handle = shard::spawn(ShardSetup {
             id,

@@ -73,10 +73,11 @@ fn check_continuous(name: &str, got: &[Received]) -> (usize, usize) {
     counts
 }
 
-fn fanout_to_six(io: IoBackend) {
+fn fanout_to_six(io: IoBackend, busy_poll_us: u64) {
     let mut cfg = config(2, io);
     // Sends go to the kernel two subscribers at a time: each shard's viewers span chunks.
     cfg.media.send_chunk = 2;
+    cfg.media.busy_poll_us = busy_poll_us;
     let server = start(cfg);
     let publisher = Client::publish(&server, "fan").expect("WHIP accepted");
     assert!(publisher.wait_connected(CONNECT), "publisher connects");
@@ -146,12 +147,24 @@ fn lost_video_is_resent() {
 
 #[test]
 fn one_publisher_six_viewers_two_shards_uring() {
-    fanout_to_six(IoBackend::Uring);
+    fanout_to_six(IoBackend::Uring, 0);
 }
 
 #[test]
 fn one_publisher_six_viewers_two_shards_mmsg() {
-    fanout_to_six(IoBackend::Mmsg);
+    fanout_to_six(IoBackend::Mmsg, 0);
+}
+
+/// The same with busy polling: shards poll for 300 us after each packet (shorter than the
+/// media's gaps, so they also sleep), and must lose nothing, their own or the other shard's.
+#[test]
+fn one_publisher_six_viewers_busy_polling_uring() {
+    fanout_to_six(IoBackend::Uring, 300);
+}
+
+#[test]
+fn one_publisher_six_viewers_busy_polling_mmsg() {
+    fanout_to_six(IoBackend::Mmsg, 300);
 }
 
 fn late_viewer_asks_for_keyframe(io: IoBackend) {

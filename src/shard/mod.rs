@@ -158,6 +158,9 @@ pub struct ShardConfig {
     pub keyframe_min_interval: Duration,
     /// Subscribers whose sends are handed to the kernel together (`media.send_chunk`).
     pub send_chunk: usize,
+    /// How long after its last received packet the shard polls instead of sleeping
+    /// (`media.busy_poll_us`); zero: it sleeps as soon as it has nothing to do.
+    pub busy_poll: Duration,
 }
 
 /// The control thread's handle on a running shard.
@@ -431,6 +434,8 @@ impl Shard {
         );
         let mut busy = Duration::ZERO;
         let mut idle = Duration::ZERO;
+        // When the last datagram or cross-shard packet came in (busy polling).
+        let mut last_rx = Instant::now();
         loop {
             let turn_start = Instant::now();
             self.st.counters.inc(Counter::LoopTurns);
@@ -451,12 +456,17 @@ impl Shard {
             let recv = self.io.recv(&mut |sock, src, data| {
                 st.handle_datagram(sock, src, data, Instant::now());
             });
-            if let Err(e) = recv {
-                tracing::warn!(shard = self.id, error = %e, "receive failed");
+            match recv {
+                Ok(0) => {}
+                Ok(_) => last_rx = turn_start,
+                Err(e) => tracing::warn!(shard = self.id, error = %e, "receive failed"),
             }
 
             // Packets and requests from other shards.
             let now = Instant::now();
+            if self.st.mesh.any_inbound() {
+                last_rx = now;
+            }
             self.st.handle_mesh(now);
 
             // Peer deadlines, keyframe throttles, liveness.
@@ -487,7 +497,7 @@ impl Shard {
             // The one wait point: sockets, the next deadline, and the doorbell.
             let deadline = self.st.next_deadline();
             let timeout = deadline.saturating_duration_since(now);
-            if timeout.is_zero() {
+            if timeout.is_zero() || self.busy_poll(last_rx, deadline, &mut idle) {
                 continue;
             }
             self.doorbell.prepare_sleep();
@@ -501,6 +511,39 @@ impl Shard {
             self.doorbell.awake();
             idle += now.elapsed();
         }
+    }
+
+    /// Busy polling (`media.busy_poll_us`): until `busy_poll` after `last_rx`, or `deadline` if
+    /// sooner, look for datagrams, commands and cross-shard packets without sleeping. True when
+    /// something is there or the deadline came (go round again); false when the window closed
+    /// with nothing (sleep). The time spent polling counts as idle: it is not work.
+    fn busy_poll(&mut self, last_rx: Instant, deadline: Instant, idle: &mut Duration) -> bool {
+        if self.cfg.busy_poll.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        let until = (last_rx + self.cfg.busy_poll).min(deadline);
+        let mut now = start;
+        let go_round = loop {
+            if now >= until {
+                break now >= deadline;
+            }
+            if !self.commands.is_empty() || self.st.mesh.any_inbound() {
+                break true;
+            }
+            match self.io.ready() {
+                Ok(true) => break true,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(shard = self.id, error = %e, "poll failed");
+                    break false;
+                }
+            }
+            std::hint::spin_loop();
+            now = Instant::now();
+        };
+        *idle += now - start;
+        go_round
     }
 
     fn flush_io(&mut self) {

@@ -445,6 +445,21 @@ impl DatagramIo for MmsgIo {
         }
     }
 
+    fn ready(&mut self) -> io::Result<bool> {
+        let n = match self.epoll_wait(Some(Duration::ZERO)) {
+            Ok(n) => n,
+            Err(e) if sys::errno(&e) == libc::EINTR => 0,
+            Err(e) => return Err(e),
+        };
+        if self.events[..n].iter().any(|ev| {
+            let token = ev.u64; // copy out of the packed struct
+            token == WAKE_TOKEN
+        }) {
+            self.wake.drain();
+        }
+        Ok(n > 0)
+    }
+
     fn reclaim(&mut self, pool: &mut BufferPool) {
         pool.give_all(self.done.drain(..));
     }

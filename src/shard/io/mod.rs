@@ -119,6 +119,9 @@ pub trait DatagramIo: Send {
     /// Block until a socket is readable, the WakeFd was rung, or `timeout` passed (None = no
     /// timeout). Returns at once if data or a wake is already pending. Drains the WakeFd.
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Whether `recv` has something to deliver or the WakeFd rang, without blocking or waiting:
+    /// what a busy-polling shard asks instead of calling `wait`.
+    fn ready(&mut self) -> io::Result<bool>;
     /// Hand the payloads of sends that have completed (sent or dropped) to `pool`.
     fn reclaim(&mut self, pool: &mut BufferPool);
 }
@@ -757,6 +760,29 @@ mod tests {
         assert_eq!(got[0].2, b"late");
     }
 
+    fn ready_sees_data_without_waiting(backend: Backend) {
+        // What a busy-polling shard relies on: `ready` turns true for a datagram that arrived,
+        // without `wait`, and false again once `recv` took it.
+        let (mut io, _w) = open_on(backend, &["127.0.0.1:0"]);
+        let mut got = Got::new();
+        io.recv(&mut |s, a, d| got.push((s, a, d.to_vec())))
+            .unwrap();
+        assert!(got.is_empty());
+        assert!(!io.ready().unwrap(), "{backend:?}: ready with nothing sent");
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"polled", io.local_addrs()[0]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !io.ready().unwrap() {
+            assert!(Instant::now() < deadline, "{backend:?}: never ready");
+            std::hint::spin_loop();
+        }
+        io.recv(&mut |s, a, d| got.push((s, a, d.to_vec())))
+            .unwrap();
+        assert_eq!(got.len(), 1, "{backend:?}");
+        assert_eq!(got[0].2, b"polled");
+        assert!(!io.ready().unwrap(), "{backend:?}: still ready after recv");
+    }
+
     fn flush_bigger_than_one_submission(backend: Backend) {
         // 1500 messages (sizes grow, so no GSO runs): more than the 1024-entry SQ and the
         // 1024-message sendmmsg limit.
@@ -921,6 +947,7 @@ mod tests {
         tiny_buffer_pool_keeps_receiving,
         wait_wakes_on_data_mid_wait,
         flush_bigger_than_one_submission,
+        ready_sees_data_without_waiting,
         moved_between_threads,
         sent_buffers_come_back_for_reuse,
     );

@@ -782,6 +782,21 @@ impl DatagramIo for UringIo {
         Ok(())
     }
 
+    fn ready(&mut self) -> io::Result<bool> {
+        // What the WakeFd announces (commands, cross-shard packets), the polling shard checks
+        // for itself.
+        self.woken = false;
+        if !self.stash.is_empty() {
+            return Ok(true);
+        }
+        // With COOP_TASKRUN, arrived data may still be task work: `recv` enters to run it.
+        let pending_work = {
+            let sq = self.ring.submission();
+            sq.taskrun() || sq.cq_overflow()
+        };
+        Ok(pending_work || !self.ring.completion().is_empty())
+    }
+
     fn reclaim(&mut self, pool: &mut BufferPool) {
         pool.give_all(self.done.drain(..));
     }
