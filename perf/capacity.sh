@@ -172,6 +172,9 @@ if sc:
 fl = s.get("sfu_forward_latency_us")
 if fl:
     notes.append(f"sluice's own forward latency p50/p99 {fl['p50']:.0f}/{fl['p99']:.0f} us")
+st = s.get("sfu_cpu_steal")
+if st is not None:
+    notes.append(f"host steal on the SFU's CPU {st * 100:.1f} %")
 if s.get("loadgen_saturated"):
     notes.append("loadgen saturated")
 if s.get("capacity"):

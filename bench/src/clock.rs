@@ -107,6 +107,58 @@ fn threads_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_nanos(total))
 }
 
+/// The CPUs `pid` may run on (`Cpus_allowed_list` of `/proc/PID/status`).
+pub fn cpus_allowed_of(pid: u32) -> Option<Vec<usize>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    parse_cpu_list(list.trim())
+}
+
+/// A CPU list such as `0-3,6` (as in `Cpus_allowed_list` or taskset).
+fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse().ok()?),
+            None => cpus.push(part.trim().parse().ok()?),
+        }
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// Time the hypervisor ran something else while these CPUs had work (the `steal` column of
+/// `/proc/stat`), summed over them. Zero on bare metal; `None` if `/proc/stat` is unreadable.
+pub fn steal_of(cpus: &[usize]) -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    parse_steal(&stat, cpus).map(|ticks| Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+/// Steal ticks of `cpus` in the text of `/proc/stat` (`cpuN user nice system idle iowait irq
+/// softirq steal ...`).
+fn parse_steal(stat: &str, cpus: &[usize]) -> Option<u64> {
+    let mut total = 0;
+    let mut found = 0;
+    for line in stat.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(cpu) = fields
+            .next()
+            .and_then(|n| n.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if cpus.contains(&cpu) {
+            total += fields.nth(7)?.parse::<u64>().ok()?;
+            found += 1;
+        }
+    }
+    (found == cpus.len()).then_some(total)
+}
+
 /// utime + stime from the text of `/proc/PID/stat` (fields 14 and 15, after the command name,
 /// which may itself hold spaces and parentheses).
 fn parse_stat_cpu(stat: &str) -> Option<Duration> {
@@ -140,6 +192,26 @@ mod tests {
         let line = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
         let cpu = parse_stat_cpu(line).unwrap();
         assert_eq!(cpu, Duration::from_nanos(300 * 1_000_000_000 / hz));
+    }
+
+    #[test]
+    fn cpu_lists_and_steal_parse() {
+        assert_eq!(parse_cpu_list("0"), Some(vec![0]));
+        assert_eq!(parse_cpu_list("0-3,6"), Some(vec![0, 1, 2, 3, 6]));
+        assert_eq!(parse_cpu_list("x"), None);
+        let stat = "cpu  2773773 11445 396006 2031360 710972 0 33592 93452 0 0\n\
+                    cpu0 1303967 5350 186964 1091566 385718 0 22162 42570 0 0\n\
+                    cpu1 1469805 6095 209041 939793 325254 0 11429 50881 0 0\n\
+                    intr 1 2 3\n";
+        assert_eq!(parse_steal(stat, &[0]), Some(42570));
+        assert_eq!(parse_steal(stat, &[0, 1]), Some(42570 + 50881));
+        assert_eq!(
+            parse_steal(stat, &[2]),
+            None,
+            "a CPU /proc/stat does not list"
+        );
+        let own = cpus_allowed_of(std::process::id()).unwrap();
+        assert!(steal_of(&own).is_some());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct TimelineRow {
     pub loss: f64,
     pub sfu_egress_pps: Option<f64>,
     pub sfu_cpu_cores: Option<f64>,
+    /// Share of the SFU's CPUs' time the hypervisor gave to others (steal), 0 to 1.
+    pub sfu_cpu_steal: Option<f64>,
     pub loadgen_cpu_cores: Option<f64>,
     pub latency_us: LatencySummary,
 }
@@ -112,6 +114,10 @@ pub struct Summary {
     /// submission, quantiles of its last 10 s window, read at the end of ours), microseconds.
     pub sfu_forward_latency_us: Option<SfuLatency>,
     pub sfu_drops: Option<u64>,
+    /// Share of the SFU's CPUs' time over the window that the hypervisor gave to others (the
+    /// steal column of `/proc/stat` for the CPUs `--sfu-pid` may run on), 0 to 1: while it
+    /// stole, no packet moved through the SFU. `None` without `--sfu-pid`.
+    pub sfu_cpu_steal: Option<f64>,
     /// `--simulcast`: how subscribers spread over the layers at the end.
     pub simulcast: Option<SimulcastSpread>,
     /// `meeting`: who received whom. There `publishers` are the participants that published and
@@ -248,11 +254,12 @@ impl Summary {
         line(
             "SFU",
             format!(
-                "egress {} pps, CPU {} s, {} egress pps per CPU-second, RSS/peer {} KiB",
+                "egress {} pps, CPU {} s, {} egress pps per CPU-second, RSS/peer {} KiB, host steal {} %",
                 opt(self.sfu_egress_pps, 0),
                 opt(self.sfu_cpu_seconds, 2),
                 opt(self.egress_pps_per_sfu_core, 0),
                 opt(self.sfu_rss_per_peer_bytes.map(|b| b / 1024.0), 1),
+                opt(self.sfu_cpu_steal.map(|s| s * 100.0), 2),
             ),
         );
         line(

@@ -707,6 +707,8 @@ impl Runner {
             loss: loss_ratio(row.expected, row.counts.received),
             sfu_egress_pps: rate(a, b, &|s| s.sfu.forwarded.map(|v| v as f64)),
             sfu_cpu_cores: rate(a, b, &|s| s.sfu.cpu.map(|c| c.as_secs_f64())),
+            sfu_cpu_steal: rate(a, b, &|s| s.sfu.steal.map(|c| c.as_secs_f64()))
+                .map(|v| v / self.monitor.cpus.len().max(1) as f64),
             loadgen_cpu_cores: rate(a, b, &|s| Some(s.loadgen_cpu.as_secs_f64())),
             latency_us: row.latency,
         });
@@ -816,6 +818,9 @@ impl Runner {
         };
         let forwarded = delta(&|s| s.sfu.forwarded.map(|v| v as f64));
         let sfu_cpu = delta(&|s| s.sfu.cpu.map(|c| c.as_secs_f64()));
+        let steal = delta(&|s| s.sfu.steal.map(|c| c.as_secs_f64()))
+            .zip(dt)
+            .map(|(s, dt)| s / (dt * self.monitor.cpus.len().max(1) as f64));
         let lg_cpu = delta(&|s| Some(s.loadgen_cpu.as_secs_f64())).unwrap_or(0.0);
         let sfu_egress_pps = forwarded.zip(dt).map(|(f, dt)| f / dt);
         let per_core = forwarded
@@ -913,6 +918,7 @@ impl Runner {
                 }
             }),
             sfu_drops: drops,
+            sfu_cpu_steal: steal,
             simulcast: self.opts.plan.simulcast.then(|| {
                 let mut per_layer = vec![0u64; crate::peer::SIMULCAST_RIDS.len()];
                 for &l in self.col.layer_of.values() {

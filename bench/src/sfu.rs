@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::clock::proc_sample;
+use crate::clock::{cpus_allowed_of, proc_sample, steal_of};
 use crate::http::{self, Target};
 
 /// One reading of the SFU. Every field is `None` when its source is not configured or failed.
@@ -20,10 +20,14 @@ pub struct SfuSample {
     /// sluice's own receive-to-send time per packet, `sluice_forward_latency_seconds` quantiles
     /// 0.5, 0.9, 0.99, 0.999 (worst shard), over its last 10 s window, in microseconds.
     pub forward_latency_us: Option<[f64; 4]>,
+    /// Steal time (`/proc/stat`) summed over the CPUs the SFU may run on (with `--sfu-pid`).
+    pub steal: Option<Duration>,
 }
 
 pub struct SfuMonitor {
     pid: Option<u32>,
+    /// The CPUs the SFU may run on, from `/proc/PID/status` (with `--sfu-pid`).
+    pub cpus: Vec<usize>,
     metrics: Option<(Target, String)>,
     pub warned: bool,
 }
@@ -48,8 +52,10 @@ impl SfuMonitor {
         if let Some(pid) = pid {
             proc_sample(pid).map_err(|e| format!("--sfu-pid {pid}: cannot read /proc: {e}"))?;
         }
+        let cpus = pid.and_then(cpus_allowed_of).unwrap_or_default();
         Ok(SfuMonitor {
             pid,
+            cpus,
             metrics,
             warned: false,
         })
@@ -79,6 +85,9 @@ impl SfuMonitor {
             if let Ok(p) = proc_sample(pid) {
                 s.cpu = Some(p.cpu);
                 s.rss_bytes = Some(p.rss_bytes);
+            }
+            if !self.cpus.is_empty() {
+                s.steal = steal_of(&self.cpus);
             }
         }
         s
