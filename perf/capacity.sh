@@ -28,6 +28,10 @@ RAMP_MAX_P99_MS=${RAMP_MAX_P99_MS:-50}
 MULTI_PUBS=${MULTI_PUBS:-8}
 # media.busy_poll_us of the half-capacity case run again with busy polling (0: that case is skipped).
 BUSY_POLL_US=${BUSY_POLL_US:-2000}
+# Seconds between the last join and the window of the half-capacity cases, which measure the
+# steady state that the latency target is about (the joins' keyframe storm still shows in their
+# per-second timeline).
+SETTLE=${SETTLE:-3}
 MEETING=${MEETING:-0}
 MEETING_PARTICIPANTS=${MEETING_PARTICIPANTS:-6}
 HTTP_PORT=${HTTP_PORT:-18480}
@@ -310,7 +314,7 @@ if [ -f "$OUT/ramp-uring.json" ]; then
     HALF=$(( CAP / 2 ))
     if [ "$HALF" -ge 1 ]; then
         run_case fanout-half-uring uring "half of the ramp's capacity ($CAP)" \
-            fanout --publishers 1 --subscribers "$HALF" --duration "$DURATION"
+            fanout --publishers 1 --subscribers "$HALF" --duration "$DURATION" --settle "$SETTLE"
     fi
 fi
 # The same ramp and half-capacity run with the subscribers spread over MULTI_PUBS publishers.
@@ -323,14 +327,14 @@ if [ -f "$OUT/ramp-multi-uring.json" ]; then
     HALF=$(( CAP / 2 / MULTI_PUBS ))
     if [ "$HALF" -ge 1 ]; then
         run_case fanout-half-multi-uring uring "half of the $MULTI_PUBS-publisher ramp's capacity ($CAP)" \
-            fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION"
+            fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION" --settle "$SETTLE"
         # The same load with busy polling: the shard spins instead of sleeping between packets,
         # so no packet waits for it to wake (its core is then always busy: the egress per
         # CPU-second of this row measures the spinning too, not the work).
         if [ "$BUSY_POLL_US" -gt 0 ]; then
             SFU_BUSY_POLL_US=$BUSY_POLL_US run_case fanout-half-multi-poll-uring uring \
                 "as the row above, with media.busy_poll_us=$BUSY_POLL_US (CPU-seconds include the polling)" \
-                fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION"
+                fanout --publishers "$MULTI_PUBS" --subscribers "$HALF" --duration "$DURATION" --settle "$SETTLE"
         fi
     fi
 fi

@@ -157,6 +157,11 @@ struct Common {
     /// Measurement window in seconds (ramp: the longest it may run).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Seconds between the last join and the window (fanout, audio, meeting): the joins'
+    /// keyframe requests and the keyframes that answer them pass before the steady state is
+    /// measured. The timeline shows those seconds either way.
+    #[arg(long, default_value_t = 0)]
+    settle: u64,
     /// Load generator cores: one pinned glommio executor each, on the CPUs this process may use.
     #[arg(long, default_value_t = 1)]
     cores: usize,
@@ -246,6 +251,7 @@ impl Common {
         Ok(Options {
             url: self.url.trim_end_matches('/').to_string(),
             duration: Duration::from_secs_f64(self.duration),
+            settle: self.settle,
             cores: self.cores,
             sfu_pid: self.sfu_pid,
             sfu_metrics: self.sfu_metrics.clone(),

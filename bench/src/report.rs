@@ -99,6 +99,8 @@ pub struct Summary {
     /// `--pacing-factor` of the publishers' video (0: each frame in one burst); `None` without
     /// video.
     pub video_pacing_factor: Option<f64>,
+    /// `--settle`: seconds left out between the last join and the window.
+    pub settle_s: u64,
     /// `--rx-poll-us`: how often each loadgen core polled its peers' sockets (0: each peer
     /// waited on the ring, and the SFU's CPU paid for the wakeups).
     pub rx_poll_us: u64,

@@ -21,6 +21,8 @@ pub struct Options {
     pub url: String,
     /// Measurement window (fanout, audio) or longest ramp.
     pub duration: Duration,
+    /// Whole seconds between the last join and the window (fanout, audio, meeting).
+    pub settle: u64,
     pub cores: usize,
     pub sfu_pid: Option<u32>,
     pub sfu_metrics: Option<String>,
@@ -242,7 +244,11 @@ impl Runner {
                     + Duration::from_secs_f64(participants as f64 / opts.join_rate.max(1.0))
             }
         };
-        let hard_deadline = epoch + window_bound + 3 * opts.join_timeout + Duration::from_secs(60);
+        let hard_deadline = epoch
+            + window_bound
+            + Duration::from_secs(opts.settle.min(3600))
+            + 3 * opts.join_timeout
+            + Duration::from_secs(60);
         let mut r = Runner {
             name: name.to_string(),
             scenario,
@@ -537,8 +543,7 @@ impl Runner {
                         self.abort("no subscriber received media: see failures".into());
                         return None;
                     }
-                    let b0 = cur + 1;
-                    let b1 = b0 + (self.opts.duration.as_secs_f64().ceil() as u32).max(1);
+                    let (b0, b1) = window_after(cur, self.opts.settle, self.opts.duration);
                     self.window = Some((b0, b1));
                     return Some(Phase::Measuring { b1 });
                 }
@@ -900,6 +905,7 @@ impl Runner {
             loadgen_saturated: saturated,
             loadgen_late_frames: self.col.late_frames,
             video_pacing_factor: self.opts.plan.video.map(|v| v.pacing_factor),
+            settle_s: self.opts.settle,
             rx_poll_us: self.opts.rx_poll.map_or(0, |d| d.as_micros() as u64),
             reordered: sum(&|r| r.counts.reordered),
             duplicates: sum(&|r| r.counts.duplicates),
@@ -983,5 +989,30 @@ impl Status {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+    }
+}
+
+/// The window's first and end buckets (seconds since the epoch), when the last join completed
+/// in bucket `cur`: `settle` whole seconds left out after the bucket that follows, then
+/// `duration` rounded up to whole seconds (at least one).
+fn window_after(cur: u32, settle: u64, duration: Duration) -> (u32, u32) {
+    let b0 = cur + 1 + settle.min(3600) as u32;
+    (b0, b0 + (duration.as_secs_f64().ceil() as u32).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_window_starts_after_the_settle() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(super::window_after(4, 0, ten), (5, 15));
+        assert_eq!(super::window_after(4, 3, ten), (8, 18));
+        assert_eq!(
+            super::window_after(4, 0, Duration::from_millis(2500)),
+            (5, 8)
+        );
+        assert_eq!(super::window_after(0, 0, Duration::ZERO), (1, 2));
     }
 }

@@ -84,6 +84,8 @@ fn fanout_1x10_for_5s_delivers_and_reports_every_field() {
             "10",
             "--duration",
             "5",
+            "--settle",
+            "1",
             "--cores",
             "1",
             "--sfu-pid",
@@ -155,6 +157,12 @@ fn fanout_1x10_for_5s_delivers_and_reports_every_field() {
     assert!(v["latency_us"]["p50"].as_u64().unwrap() > 0, "{text}");
     assert!(v["join_ms"]["p50"].as_f64().unwrap() > 0.0, "{text}");
     assert!(v["loadgen_cpu_seconds"].as_f64().unwrap() > 0.0, "{text}");
+    assert_eq!(v["settle_s"].as_u64(), Some(1), "{text}");
+    // The host's share of the SFU's CPUs (here the test's own), from /proc/stat.
+    let steal = v["sfu_cpu_steal"]
+        .as_f64()
+        .expect("sfu_cpu_steal with --sfu-pid");
+    assert!((0.0..=1.0).contains(&steal), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the smoke run took {:?}",
