@@ -496,8 +496,14 @@ impl Shard {
 
             // The one wait point: sockets, the next deadline, and the doorbell.
             let deadline = self.st.next_deadline();
-            let timeout = deadline.saturating_duration_since(now);
-            if timeout.is_zero() || self.busy_poll(last_rx, deadline, &mut idle) {
+            if deadline <= now || self.busy_poll(last_rx, deadline, &mut idle) {
+                continue;
+            }
+            // Measured after any polling, so that the sleep still ends at the deadline and the
+            // polling is not counted as idle twice.
+            let sleep_start = Instant::now();
+            let timeout = deadline.saturating_duration_since(sleep_start);
+            if timeout.is_zero() {
                 continue;
             }
             self.doorbell.prepare_sleep();
@@ -509,7 +515,7 @@ impl Shard {
                 tracing::warn!(shard = self.id, error = %e, "wait failed");
             }
             self.doorbell.awake();
-            idle += now.elapsed();
+            idle += sleep_start.elapsed();
         }
     }
 
