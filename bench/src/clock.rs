@@ -28,17 +28,31 @@ pub fn self_cpu() -> Duration {
 
 /// The CPUs this process may run on (what `taskset` gave it), in order.
 pub fn allowed_cpus() -> Vec<usize> {
+    cpus_allowed_of(0).unwrap_or_else(|| {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    })
+}
+
+/// The CPUs process `pid` (its main thread; 0: the calling thread) may run on, in order.
+pub fn cpus_allowed_of(pid: u32) -> Option<Vec<usize>> {
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid and its size is passed; pid 0 is this thread.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    // SAFETY: `set` is valid and its size is passed.
+    let r = unsafe {
+        libc::sched_getaffinity(
+            pid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        )
+    };
     if r != 0 {
-        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        return None;
     }
-    (0..libc::CPU_SETSIZE as usize)
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `i` is below CPU_SETSIZE.
         .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect()
+        .collect();
+    (!cpus.is_empty()).then_some(cpus)
 }
 
 /// Raise the open-file limit to its hard maximum (each simulated peer holds two descriptors)
@@ -105,27 +119,6 @@ fn threads_cpu(pid: u32) -> Option<Duration> {
         total += text.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(Duration::from_nanos(total))
-}
-
-/// The CPUs `pid` may run on (`Cpus_allowed_list` of `/proc/PID/status`).
-pub fn cpus_allowed_of(pid: u32) -> Option<Vec<usize>> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-    parse_cpu_list(list.trim())
-}
-
-/// A CPU list such as `0-3,6` (as in `Cpus_allowed_list` or taskset).
-fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
-    let mut cpus = Vec::new();
-    for part in list.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse().ok()?),
-            None => cpus.push(part.trim().parse().ok()?),
-        }
-    }
-    (!cpus.is_empty()).then_some(cpus)
 }
 
 /// Time the hypervisor ran something else while these CPUs had work (the `steal` column of
@@ -195,10 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_lists_and_steal_parse() {
-        assert_eq!(parse_cpu_list("0"), Some(vec![0]));
-        assert_eq!(parse_cpu_list("0-3,6"), Some(vec![0, 1, 2, 3, 6]));
-        assert_eq!(parse_cpu_list("x"), None);
+    fn steal_parses() {
         let stat = "cpu  2773773 11445 396006 2031360 710972 0 33592 93452 0 0\n\
                     cpu0 1303967 5350 186964 1091566 385718 0 22162 42570 0 0\n\
                     cpu1 1469805 6095 209041 939793 325254 0 11429 50881 0 0\n\

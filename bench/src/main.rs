@@ -35,6 +35,8 @@ use crate::shard::MediaPlan;
 /// Largest `--rx-poll-us` accepted: longer, and the sockets could overflow between looks and
 /// feedback to the SFU would be late.
 const MAX_RX_POLL_US: u64 = 100_000;
+/// Largest accepted `--settle`, seconds.
+const MAX_SETTLE_S: u64 = 3600;
 
 #[derive(Parser)]
 #[command(
@@ -242,6 +244,11 @@ impl Common {
         }
         if self.cores == 0 {
             return Err("--cores must be at least 1".into());
+        }
+        if self.settle > MAX_SETTLE_S {
+            return Err(format!(
+                "--settle above {MAX_SETTLE_S} s (an hour) is not a settle"
+            ));
         }
         if self.rx_poll_us > MAX_RX_POLL_US {
             return Err(format!(

@@ -246,7 +246,7 @@ impl Runner {
         };
         let hard_deadline = epoch
             + window_bound
-            + Duration::from_secs(opts.settle.min(3600))
+            + Duration::from_secs(opts.settle)
             + 3 * opts.join_timeout
             + Duration::from_secs(60);
         let mut r = Runner {
@@ -996,7 +996,7 @@ impl Status {
 /// in bucket `cur`: `settle` whole seconds left out after the bucket that follows, then
 /// `duration` rounded up to whole seconds (at least one).
 fn window_after(cur: u32, settle: u64, duration: Duration) -> (u32, u32) {
-    let b0 = cur + 1 + settle.min(3600) as u32;
+    let b0 = cur + 1 + settle as u32;
     (b0, b0 + (duration.as_secs_f64().ceil() as u32).max(1))
 }
 

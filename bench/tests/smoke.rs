@@ -172,6 +172,24 @@ fn fanout_1x10_for_5s_delivers_and_reports_every_field() {
 }
 
 #[test]
+fn an_hour_long_settle_is_refused_before_any_join() {
+    let out = loadgen(
+        &[
+            "fanout",
+            "--url",
+            "http://127.0.0.1:9",
+            "--settle",
+            "3601",
+            "--quiet",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--settle above 3600"), "{stderr}");
+}
+
+#[test]
 fn an_unreachable_sfu_is_a_clear_quick_failure() {
     // A TCP port with nothing listening (bound, then released).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
