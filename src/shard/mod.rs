@@ -464,7 +464,7 @@ impl Shard {
 
             // Packets and requests from other shards.
             let now = Instant::now();
-            if self.st.mesh.any_inbound() {
+            if !self.cfg.busy_poll.is_zero() && self.st.mesh.any_inbound() {
                 last_rx = now;
             }
             self.st.handle_mesh(now);
