@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use crate::io::DATAGRAM_MAX_PACKET_SIZE;
 use crate::packet::Vp8Patch;
-use crate::rtp_::{ExtensionValues, MediaTime, Pt, RtpHeader, SeqNo, Ssrc, VideoOrientation};
+use crate::rtp_::{
+    ExtensionValues, Frequency, MediaTime, Pt, RtpHeader, SeqNo, Ssrc, VideoOrientation,
+};
 
 use super::RtpPacket;
 use super::rtx_cache_buf::EvictingBuffer;
@@ -26,36 +28,66 @@ pub(crate) struct RtxCache {
     rebuilt: Option<RtpPacket>,
 }
 
-/// sluice: a sent packet as the history keeps it. Most are kept compact, in about a quarter of
-/// the space of an `RtpPacket` (408 bytes, 288 of them its header), because the history is written
-/// once per packet sent and read only for resends: at 640 entries per stream, whole packets made
-/// every send a write to memory that had left the cache seconds before.
+/// sluice: a sent packet as the history keeps it. Most are kept compact, in 56 bytes instead of
+/// an `RtpPacket`'s 408 (288 of them its header), because the history is written once per packet
+/// sent and read only for resends: at 640 entries per stream, whole packets made every send a
+/// write to memory that had left the cache seconds before, and each byte of an entry is a byte
+/// the shard brings back into the cache twice, when the entry is written and when it is evicted.
 #[derive(Debug)]
 enum Cached {
     Compact(CompactPacket),
     /// Anything the compact form cannot hold exactly: CSRCs, a sender info, extension values
     /// other than the three `CompactPacket` keeps (a MID or RID not yet acknowledged,
-    /// abs-capture-time, ...).
+    /// abs-capture-time, ...), a sequence number that is not the low bits of the `SeqNo`, a
+    /// `timestamp` more than two seconds from the time it was cached.
     Whole(Box<RtpPacket>),
 }
 
 /// sluice: what is left of a packet once everything a header built by `StreamTx::write_rtp`
-/// holds at its default is dropped.
+/// holds at its default is dropped, and what the history's entry already holds: the `SeqNo` is
+/// the entry's position (and the header's sequence number its low 16 bits), and the packet's
+/// `timestamp` is kept as its distance from the entry's.
 #[derive(Debug)]
 struct CompactPacket {
-    seq_no: SeqNo,
-    time: MediaTime,
     payload: Arc<[u8]>,
-    timestamp: Instant,
-    vp8_patch: Option<Vp8Patch>,
+    time_numer: u64,
+    time_frequency: Frequency,
     rtp_time: u32,
     ssrc: Ssrc,
-    sequence_number: u16,
+    /// The packet's `timestamp` less the time it was cached, in nanoseconds.
+    timestamp_offset_ns: i32,
+    vp8_patch: Option<Vp8Patch>,
     payload_type: Pt,
     marker: bool,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
     video_orientation: Option<VideoOrientation>,
+}
+
+/// sluice: `at` moved by `offset_ns`; `None` past what an `Instant` can hold.
+fn offset_instant(at: Instant, offset_ns: i32) -> Option<Instant> {
+    if offset_ns == 0 {
+        return Some(at); // a packet sent as it was written
+    }
+    let d = Duration::from_nanos(u64::from(offset_ns.unsigned_abs()));
+    if offset_ns >= 0 {
+        at.checked_add(d)
+    } else {
+        at.checked_sub(d)
+    }
+}
+
+/// sluice: how far `t` is from `at`, when it fits an `i32` of nanoseconds.
+fn offset_of(t: Instant, at: Instant) -> Option<i32> {
+    if t == at {
+        return Some(0);
+    }
+    let ns = if t >= at {
+        i64::try_from((t - at).as_nanos()).ok()?
+    } else {
+        -i64::try_from((at - t).as_nanos()).ok()?
+    };
+    i32::try_from(ns).ok()
 }
 
 impl CompactPacket {
@@ -87,27 +119,25 @@ impl CompactPacket {
         }
     }
 
-    fn header(&self) -> RtpHeader {
-        Self::header_of(
-            self.rtp_time,
-            self.ssrc,
-            self.sequence_number,
-            self.payload_type,
-            self.marker,
-            self.audio_level,
-            self.voice_activity,
-            self.video_orientation,
-        )
-    }
-
-    fn packet(&self) -> RtpPacket {
+    /// The packet kept at `seq_no`, cached at `at`.
+    fn packet(&self, seq_no: SeqNo, at: Instant) -> RtpPacket {
         RtpPacket {
-            seq_no: self.seq_no,
-            time: self.time,
-            header: self.header(),
+            seq_no,
+            time: MediaTime::new(self.time_numer, self.time_frequency),
+            header: Self::header_of(
+                self.rtp_time,
+                self.ssrc,
+                *seq_no as u16,
+                self.payload_type,
+                self.marker,
+                self.audio_level,
+                self.voice_activity,
+                self.video_orientation,
+            ),
             payload: self.payload.clone(),
             vp8_patch: self.vp8_patch,
-            timestamp: self.timestamp,
+            // Checked when the packet was kept.
+            timestamp: offset_instant(at, self.timestamp_offset_ns).unwrap_or(at),
             last_sender_info: None,
             nackable: true,
         }
@@ -115,43 +145,42 @@ impl CompactPacket {
 }
 
 impl Cached {
-    /// Compact when the compact form gives back exactly this packet.
-    fn new(packet: RtpPacket) -> Cached {
+    /// Compact when the compact form, cached at `at`, gives back exactly this packet.
+    fn new(packet: RtpPacket, at: Instant) -> Cached {
         let h = &packet.header;
         let e = &h.ext_vals;
+        let offset = offset_of(packet.timestamp, at)
+            .filter(|o| *o == 0 || offset_instant(at, *o) == Some(packet.timestamp));
         let exact = packet.last_sender_info.is_none()
             && packet.nackable
             && CompactPacket::header_of(
                 h.timestamp,
                 h.ssrc,
-                h.sequence_number,
+                *packet.seq_no as u16,
                 h.payload_type,
                 h.marker,
                 e.audio_level,
                 e.voice_activity,
                 e.video_orientation,
             ) == *h;
-        if !exact {
+        let Some(timestamp_offset_ns) = offset.filter(|_| exact) else {
             return Cached::Whole(Box::new(packet));
-        }
+        };
         let RtpPacket {
-            seq_no,
             time,
             header,
             payload,
             vp8_patch,
-            timestamp,
             ..
         } = packet;
         Cached::Compact(CompactPacket {
-            seq_no,
-            time,
             payload,
-            timestamp,
-            vp8_patch,
+            time_numer: time.numer(),
+            time_frequency: time.frequency(),
             rtp_time: header.timestamp,
             ssrc: header.ssrc,
-            sequence_number: header.sequence_number,
+            timestamp_offset_ns,
+            vp8_patch,
             payload_type: header.payload_type,
             marker: header.marker,
             audio_level: header.ext_vals.audio_level,
@@ -181,7 +210,8 @@ impl RtxCache {
         assert!(packet.nackable);
         let seq_no = packet.seq_no;
         let quantized_size = packet.payload.len() / RTX_CACHE_SIZE_QUANTIZER;
-        self.packet_by_seq_no.push(*seq_no, now, Cached::new(packet));
+        self.packet_by_seq_no
+            .push(*seq_no, now, Cached::new(packet, now));
         self.seq_no_by_quantized_size[quantized_size] = seq_no;
         self.remove_old_packets(now);
     }
@@ -193,9 +223,9 @@ impl RtxCache {
     /// sluice: a compact entry comes back rebuilt, so changes made through the reference last
     /// only until the next lookup (the resend path changes only the copy it sends).
     pub fn get_cached_packet_by_seq_no(&mut self, seq_no: SeqNo) -> Option<&mut RtpPacket> {
-        match self.packet_by_seq_no.get_mut(*seq_no)? {
-            Cached::Whole(p) => Some(p),
-            Cached::Compact(c) => Some(self.rebuilt.insert(c.packet())),
+        match self.packet_by_seq_no.get_mut_with_time(*seq_no)? {
+            (Cached::Whole(p), _) => Some(p),
+            (Cached::Compact(c), at) => Some(self.rebuilt.insert(c.packet(seq_no, at))),
         }
     }
 
@@ -279,9 +309,30 @@ mod test {
             p.header.csrc[0] = 99;
             p
         };
+        // The sequence number is not the low bits of the SeqNo.
+        let renumbered = |seq_no: u64| {
+            let mut p = plain(seq_no);
+            p.header.sequence_number = 7;
+            p
+        };
+        // Sent from a queue where it waited longer than the offset can say.
+        let long_queued = |seq_no: u64| {
+            let mut p = plain(seq_no);
+            p.timestamp = now - Duration::from_secs(3);
+            p
+        };
+        // Cached before its timestamp, and at the nanosecond.
+        let early = |seq_no: u64| {
+            let mut p = plain(seq_no);
+            p.timestamp = now + Duration::from_nanos(1_999_999_999);
+            p
+        };
         rtx_cache.cache_sent_packet(plain(1), now);
         rtx_cache.cache_sent_packet(with_mid(2), now);
         rtx_cache.cache_sent_packet(with_csrc(3), now);
+        rtx_cache.cache_sent_packet(renumbered(4), now);
+        rtx_cache.cache_sent_packet(long_queued(5), now);
+        rtx_cache.cache_sent_packet(early(70_000), now);
         let kept = |c: &RtxCache, seq_no: u64| match c.packet_by_seq_no.get(seq_no) {
             Some(Cached::Compact(_)) => "compact",
             Some(Cached::Whole(_)) => "whole",
@@ -290,6 +341,19 @@ mod test {
         assert_eq!(kept(&rtx_cache, 1), "compact");
         assert_eq!(kept(&rtx_cache, 2), "whole");
         assert_eq!(kept(&rtx_cache, 3), "whole");
+        assert_eq!(kept(&rtx_cache, 4), "whole");
+        assert_eq!(kept(&rtx_cache, 5), "whole");
+        assert_eq!(kept(&rtx_cache, 70_000), "compact");
+        for (seq_no, p) in [
+            (4, renumbered(4)),
+            (5, long_queued(5)),
+            (70_000, early(70_000)),
+        ] {
+            assert_eq!(
+                Some(&mut { p }),
+                rtx_cache.get_cached_packet_by_seq_no(seq_no.into())
+            );
+        }
         assert_eq!(
             Some(&mut plain(1)),
             rtx_cache.get_cached_packet_by_seq_no(1.into())
@@ -302,7 +366,14 @@ mod test {
             Some(&mut with_csrc(3)),
             rtx_cache.get_cached_packet_by_seq_no(3.into())
         );
-        assert_eq!(rtx_cache.last_packet(), Some(&3u64.to_be_bytes()[..]));
+        assert_eq!(rtx_cache.last_packet(), Some(&70_000u64.to_be_bytes()[..]));
+    }
+
+    /// sluice: a compact entry stays small (each byte of it is brought into the cache when it is
+    /// written and again when it is evicted).
+    #[test]
+    fn a_compact_entry_is_56_bytes() {
+        assert_eq!(std::mem::size_of::<Cached>(), 56);
     }
 
     #[test]

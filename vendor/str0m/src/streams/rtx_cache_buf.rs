@@ -134,6 +134,7 @@ impl<T> EvictingBuffer<T> {
         None
     }
 
+    #[allow(unused)]
     pub fn get_mut(&mut self, position: u64) -> Option<&mut T> {
         if self.is_inert() {
             return None;
@@ -146,6 +147,19 @@ impl<T> EvictingBuffer<T> {
             }
         }
         None
+    }
+
+    /// sluice: `get_mut`, with the time the entry was pushed at.
+    pub fn get_mut_with_time(&mut self, position: u64) -> Option<(&mut T, Instant)> {
+        if self.is_inert() {
+            return None;
+        }
+
+        let index = (position % self.buf.len() as u64) as usize;
+        match &mut self.buf[index] {
+            Some(entry) if entry.position == position => Some((&mut entry.value, entry.timestamp)),
+            _ => None,
+        }
     }
 
     pub fn maybe_evict(&mut self, now: Instant) {
