@@ -113,7 +113,8 @@ pub struct Summary {
     pub publisher_join_ms: JoinSummary,
     pub sfu_rss_per_peer_bytes: Option<f64>,
     /// sluice's own view of its added latency (`sluice_forward_latency_seconds`, receive to send
-    /// submission, quantiles of its last 10 s window, read at the end of ours), microseconds.
+    /// submission): quantiles of the packets its histogram counted in our window, all shards,
+    /// interpolated within its buckets, in microseconds.
     pub sfu_forward_latency_us: Option<SfuLatency>,
     pub sfu_drops: Option<u64>,
     /// Share of the SFU's CPUs' time over the window that the hypervisor gave to others (the
@@ -238,7 +239,7 @@ impl Summary {
             line(
                 "  inside SFU (us)",
                 format!(
-                    "p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  (sluice's receive-to-send, its last 10 s)",
+                    "p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  (sluice's receive-to-send, its histogram over this window)",
                     f.p50, f.p90, f.p99, f.p999
                 ),
             );

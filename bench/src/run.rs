@@ -915,14 +915,19 @@ impl Runner {
             lost_peers: self.col.lost,
             publisher_join_ms: join(&self.col.publisher_join_ms),
             sfu_rss_per_peer_bytes: rss_per_peer,
-            sfu_forward_latency_us: s1.and_then(|s| s.sfu.forward_latency_us).map(|q| {
-                crate::report::SfuLatency {
+            sfu_forward_latency_us: s0
+                .zip(s1)
+                .and_then(|(a, b)| {
+                    b.sfu
+                        .forward_latency?
+                        .quantiles_since(&a.sfu.forward_latency?)
+                })
+                .map(|q| crate::report::SfuLatency {
                     p50: q[0],
                     p90: q[1],
                     p99: q[2],
                     p999: q[3],
-                }
-            }),
+                }),
             sfu_drops: drops,
             sfu_cpu_steal: steal,
             simulcast: self.opts.plan.simulcast.then(|| {

@@ -17,9 +17,9 @@ pub struct SfuSample {
     pub received: Option<u64>,
     /// `sluice_dropped_packets_total` (every reason), all shards.
     pub dropped: Option<u64>,
-    /// sluice's own receive-to-send time per packet, `sluice_forward_latency_seconds` quantiles
-    /// 0.5, 0.9, 0.99, 0.999 (worst shard), over its last 10 s window, in microseconds.
-    pub forward_latency_us: Option<[f64; 4]>,
+    /// sluice's own receive-to-send time per packet: the `sluice_forward_latency_seconds`
+    /// histogram, summed over shards, since the SFU started.
+    pub forward_latency: Option<LatencyBuckets>,
     /// Steal time (`/proc/stat`) summed over the CPUs the SFU may run on (with `--sfu-pid`).
     pub steal: Option<Duration>,
 }
@@ -75,7 +75,7 @@ impl SfuMonitor {
                         .map(Duration::from_secs_f64);
                     s.rss_bytes =
                         metric_sum_f64(&text, "process_resident_memory_bytes").map(|v| v as u64);
-                    s.forward_latency_us = forward_latency(&text);
+                    s.forward_latency = LatencyBuckets::parse(&text);
                 }
                 Ok(r) => self.warn(&format!("{path}: HTTP {}", r.status)),
                 Err(e) => self.warn(&e),
@@ -117,29 +117,105 @@ fn metric_sum_prefix(text: &str, prefix: &str) -> Option<u64> {
     .map(|v| v.round() as u64)
 }
 
-/// The worst shard's `sluice_forward_latency_seconds` quantiles, in microseconds.
-fn forward_latency(text: &str) -> Option<[f64; 4]> {
-    let mut out = [None::<f64>; 4];
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("sluice_forward_latency_seconds{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once('}') else {
-            continue;
-        };
-        let Ok(v) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        for (i, q) in ["\"0.5\"", "\"0.9\"", "\"0.99\"", "\"0.999\""]
-            .iter()
-            .enumerate()
-        {
-            if labels.contains(&format!("quantile={q}")) && v.is_finite() {
-                out[i] = Some(out[i].map_or(v, |o: f64| o.max(v)));
+/// Most buckets a latency histogram may have (sluice has 19 with `+Inf`).
+const MAX_BUCKETS: usize = 32;
+
+/// A Prometheus histogram's cumulative counts by upper bound (`le`), summed over its series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyBuckets {
+    len: usize,
+    /// Upper bounds in seconds, ascending; the last is infinite.
+    bounds: [f64; MAX_BUCKETS],
+    cumulative: [u64; MAX_BUCKETS],
+}
+
+impl LatencyBuckets {
+    /// `sluice_forward_latency_seconds_bucket` in Prometheus text, every shard's series summed;
+    /// `None` when there is none, more than `MAX_BUCKETS` bounds, or no `+Inf` bucket.
+    pub fn parse(text: &str) -> Option<LatencyBuckets> {
+        let mut by_bound: Vec<(f64, u64)> = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("sluice_forward_latency_seconds_bucket{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once('}') else {
+                continue;
+            };
+            let Some(le) = labels
+                .split(',')
+                .find_map(|l| l.trim().strip_prefix("le=\""))
+                .and_then(|v| v.strip_suffix('"'))
+            else {
+                continue;
+            };
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                match le.parse::<f64>() {
+                    Ok(b) if b.is_finite() => b,
+                    _ => continue,
+                }
+            };
+            let Ok(count) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            match by_bound.iter_mut().find(|(b, _)| *b == bound) {
+                Some((_, c)) => *c += count as u64,
+                None => by_bound.push((bound, count as u64)),
             }
         }
+        by_bound.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if by_bound.len() > MAX_BUCKETS || by_bound.last()?.0 != f64::INFINITY {
+            return None;
+        }
+        let mut out = LatencyBuckets {
+            len: by_bound.len(),
+            bounds: [0.0; MAX_BUCKETS],
+            cumulative: [0; MAX_BUCKETS],
+        };
+        for (i, (b, c)) in by_bound.into_iter().enumerate() {
+            out.bounds[i] = b;
+            out.cumulative[i] = c;
+        }
+        Some(out)
     }
-    Some([out[0]?, out[1]?, out[2]?, out[3]?].map(|v| v * 1e6))
+
+    /// Quantiles 0.5, 0.9, 0.99 and 0.999 in microseconds of the packets counted between
+    /// `earlier` and `self`, interpolated within a bucket as Prometheus' `histogram_quantile`
+    /// does (a quantile in the `+Inf` bucket is reported as the largest finite bound). `None`
+    /// when no packet was counted or the two do not have the same buckets.
+    pub fn quantiles_since(&self, earlier: &LatencyBuckets) -> Option<[f64; 4]> {
+        if self.len != earlier.len || self.bounds != earlier.bounds || self.len == 0 {
+            return None;
+        }
+        let n = self.len;
+        let delta: Vec<u64> = (0..n)
+            .map(|i| self.cumulative[i].saturating_sub(earlier.cumulative[i]))
+            .collect();
+        let total = delta[n - 1];
+        if total == 0 {
+            return None;
+        }
+        let quantile = |q: f64| {
+            let rank = q * total as f64;
+            let i = delta
+                .iter()
+                .position(|c| *c as f64 >= rank)
+                .unwrap_or(n - 1);
+            let lower = if i == 0 { 0.0 } else { self.bounds[i - 1] };
+            let upper = self.bounds[i];
+            if upper.is_infinite() {
+                return lower;
+            }
+            let below = if i == 0 { 0 } else { delta[i - 1] };
+            let inside = delta[i] - below;
+            if inside == 0 {
+                return upper;
+            }
+            lower + (upper - lower) * (rank - below as f64) / inside as f64
+        };
+        Some([0.5, 0.9, 0.99, 0.999].map(|q| quantile(q) * 1e6))
+    }
 }
 
 fn sum_where(text: &str, want: impl Fn(&str) -> bool) -> Option<f64> {
@@ -183,11 +259,12 @@ sluice_rtp_forwarded_packets_total_extra 5
 sluice_drop_ring_full_total{shard=\"0\"} 2
 sluice_drop_forwarder_total{shard=\"0\",reason=\"a b\"} 3
 process_cpu_seconds_total 12.5
-sluice_forward_latency_seconds{shard=\"0\",quantile=\"0.5\"} 0.00002
-sluice_forward_latency_seconds{shard=\"0\",quantile=\"0.9\"} 0.0001
-sluice_forward_latency_seconds{shard=\"0\",quantile=\"0.99\"} 0.001
-sluice_forward_latency_seconds{shard=\"0\",quantile=\"0.999\"} 0.002
-sluice_forward_latency_seconds{shard=\"1\",quantile=\"0.99\"} 0.003
+sluice_forward_latency_seconds_bucket{shard=\"0\",le=\"0.0001\"} 90
+sluice_forward_latency_seconds_bucket{shard=\"0\",le=\"0.001\"} 99
+sluice_forward_latency_seconds_bucket{shard=\"0\",le=\"+Inf\"} 100
+sluice_forward_latency_seconds_bucket{shard=\"1\",le=\"0.0001\"} 0
+sluice_forward_latency_seconds_bucket{shard=\"1\",le=\"0.001\"} 0
+sluice_forward_latency_seconds_bucket{shard=\"1\",le=\"+Inf\"} 0
 sluice_forward_latency_seconds_sum{shard=\"0\"} 1.5
 ";
 
@@ -206,15 +283,42 @@ sluice_forward_latency_seconds_sum{shard=\"0\"} 1.5
     }
 
     #[test]
-    fn forward_latency_takes_the_worst_shard_per_quantile() {
-        let q = forward_latency(TEXT).unwrap();
-        let want = [20.0, 100.0, 3000.0, 2000.0];
-        for (got, want) in q.iter().zip(want) {
-            assert!((got - want).abs() < 1e-6, "{q:?}");
-        }
+    fn latency_quantiles_come_from_the_buckets_counted_between_two_readings() {
+        let start = LatencyBuckets::parse(TEXT).unwrap();
+        assert_eq!(start.len, 3);
+        assert_eq!(start.cumulative[..3], [90, 99, 100]);
+        assert_eq!(start.quantiles_since(&start), None, "nothing counted");
+        // 1000 more packets: 500 under 100 us, 490 under 1 ms, 10 above.
+        let later = TEXT
+            .replace("le=\"0.0001\"} 90", "le=\"0.0001\"} 590")
+            .replace("le=\"0.001\"} 99", "le=\"0.001\"} 1089")
+            .replace("le=\"+Inf\"} 100", "le=\"+Inf\"} 1100");
+        let end = LatencyBuckets::parse(&later).unwrap();
+        let q = end.quantiles_since(&start).unwrap();
+        // p50: rank 500 is the last of the 500 in (0, 100 us].
+        assert!((q[0] - 100.0).abs() < 1e-6, "{q:?}");
+        // p90: rank 900 is the 400th of 490 in (100 us, 1 ms].
+        assert!(
+            (q[1] - (100.0 + 900.0 * 400.0 / 490.0)).abs() < 1e-6,
+            "{q:?}"
+        );
+        // p99: rank 990 is the 490th of 490.
+        assert!((q[2] - 1000.0).abs() < 1e-6, "{q:?}");
+        // p999: in +Inf, reported as the largest finite bound.
+        assert!((q[3] - 1000.0).abs() < 1e-6, "{q:?}");
+        // Everything since the SFU started is dominated by the window's packets, but differs.
+        assert_ne!(
+            end.quantiles_since(&LatencyBuckets {
+                cumulative: [0; MAX_BUCKETS],
+                ..end
+            }),
+            Some(q)
+        );
         assert_eq!(
-            forward_latency("sluice_rtp_forwarded_packets_total 1\n"),
+            LatencyBuckets::parse("sluice_rtp_forwarded_packets_total 1\n"),
             None
         );
+        let no_inf = "sluice_forward_latency_seconds_bucket{le=\"0.001\"} 5\n";
+        assert_eq!(LatencyBuckets::parse(no_inf), None);
     }
 }

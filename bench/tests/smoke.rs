@@ -163,6 +163,14 @@ fn fanout_1x10_for_5s_delivers_and_reports_every_field() {
         .as_f64()
         .expect("sfu_cpu_steal with --sfu-pid");
     assert!((0.0..=1.0).contains(&steal), "{text}");
+    // sluice's own receive-to-send time, from its histogram's buckets counted in the window.
+    let own = &v["sfu_forward_latency_us"];
+    let (p50, p99) = (own["p50"].as_f64(), own["p99"].as_f64());
+    assert!(
+        p50.zip(p99)
+            .is_some_and(|(a, b)| a > 0.0 && a <= b && b <= 100_000.0),
+        "{text}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the smoke run took {:?}",

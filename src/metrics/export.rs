@@ -3,11 +3,13 @@
 
 use prometheus::proto::{
     Bucket, Counter as PCounter, Gauge as PGauge, Histogram as PHistogram, LabelPair, Metric,
-    MetricFamily, MetricType, Quantile, Summary,
+    MetricFamily, MetricType,
 };
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use super::{family_help, Counter, ShardStats, BWE_BUCKETS, CONNECT_BUCKETS, LAYER_SLOTS};
+use super::{
+    family_help, Counter, ShardStats, BWE_BUCKETS, CONNECT_BUCKETS, LATENCY_BUCKETS, LAYER_SLOTS,
+};
 
 /// Control-side metrics and the scrape.
 pub struct Exporter {
@@ -299,35 +301,21 @@ fn shard_families(shards: &[&ShardStats]) -> Vec<MetricFamily> {
         layers,
     ));
 
-    // Forwarding latency: a summary per shard (quantiles of the last 10 s window).
+    // Forwarding latency: a histogram per shard.
     let metrics = shards
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let (qs, count, sum) = s.latency();
-            let mut summary = Summary::default();
-            summary.set_sample_count(count);
-            summary.set_sample_sum(sum);
-            summary.set_quantile(
-                qs.into_iter()
-                    .map(|(q, v)| {
-                        let mut x = Quantile::default();
-                        x.set_quantile(q);
-                        x.set_value(v);
-                        x
-                    })
-                    .collect(),
-            );
-            let mut m = Metric::default();
+            let (counts, sum) = s.latency();
+            let mut m = histogram_metric(&LATENCY_BUCKETS, &counts, sum);
             m.set_label(labels(&[("shard", i.to_string())]));
-            m.set_summary(summary);
             m
         })
         .collect();
     out.push(family(
         "sluice_forward_latency_seconds",
-        "Per forwarded packet and subscriber, from reading the publisher's datagram to submitting that subscriber's send; quantiles over the last 10 s window (hdrhistogram per shard).",
-        MetricType::SUMMARY,
+        "Per forwarded packet and subscriber, from reading the publisher's datagram to submitting that subscriber's send.",
+        MetricType::HISTOGRAM,
         metrics,
     ));
     out
@@ -335,6 +323,12 @@ fn shard_families(shards: &[&ShardStats]) -> Vec<MetricFamily> {
 
 /// A histogram family from per-bucket (not cumulative) counts, the last one being `+Inf`.
 fn histogram(name: &str, help: &str, bounds: &[f64], counts: &[u64], sum: f64) -> MetricFamily {
+    let m = histogram_metric(bounds, counts, sum);
+    family(name, help, MetricType::HISTOGRAM, vec![m])
+}
+
+/// One histogram series from per-bucket (not cumulative) counts, the last one being `+Inf`.
+fn histogram_metric(bounds: &[f64], counts: &[u64], sum: f64) -> Metric {
     let mut h = PHistogram::default();
     let mut cumulative = 0;
     let mut pb = Vec::new();
@@ -351,7 +345,7 @@ fn histogram(name: &str, help: &str, bounds: &[f64], counts: &[u64], sum: f64) -
     h.set_sample_sum(sum);
     let mut m = Metric::default();
     m.set_histogram(h);
-    family(name, help, MetricType::HISTOGRAM, vec![m])
+    m
 }
 
 #[cfg(test)]
@@ -369,7 +363,7 @@ mod tests {
         c.inc(Counter::DropMalformed);
         c.observe_connect(Duration::from_millis(80));
         c.observe_latency(Duration::from_micros(50));
-        s.publish(&mut c, true);
+        s.publish(&c);
         let text = e.render(
             &[&s, &s],
             &ControlGauges {
@@ -388,7 +382,15 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("sluice_forward_latency_seconds{shard=\"0\",quantile=\"0.99\"}"),
+            text.contains("sluice_forward_latency_seconds_bucket{shard=\"1\",le=\"0.00005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_forward_latency_seconds_bucket{shard=\"1\",le=\"0.000025\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_forward_latency_seconds_count{shard=\"0\"} 1"),
             "{text}"
         );
         assert!(text.contains("sluice_sessions{kind=\"play\"} 2"));

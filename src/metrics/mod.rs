@@ -8,8 +8,6 @@ pub mod export;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
-
 macro_rules! counters {
     ($($name:ident => $family:literal [$($k:literal = $v:literal),*];)*) => {
         /// Every per-shard counter, in a fixed order. Several counters share one Prometheus
@@ -113,11 +111,12 @@ pub const BWE_BUCKETS: [f64; 10] = [
 /// Simulcast subscribers by layer: layers 0..MAX_LAYERS, then "none" (paused or not started).
 pub const LAYER_SLOTS: usize = crate::sfu::MAX_LAYERS + 1;
 
-/// Quantiles published for the receive-to-send forwarding latency.
-pub const LATENCY_QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
-
-/// How long a latency window lasts before its quantiles restart.
-pub const LATENCY_WINDOW: Duration = Duration::from_secs(10);
+/// Upper bounds (seconds) of the receive-to-send forwarding-latency histogram: fine below the
+/// 1 ms that a forwarding SFU should stay under, coarse above it.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    25e-6, 50e-6, 100e-6, 150e-6, 200e-6, 300e-6, 400e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3,
+    5e-3, 10e-3, 20e-3, 50e-3, 100e-3,
+];
 
 /// Classify a media datagram by its first bytes (RFC 7983 demultiplexing; RFC 5761 for RTCP).
 pub fn classify(buf: &[u8], out: bool) -> Counter {
@@ -152,8 +151,7 @@ pub struct ShardCounters {
     values: [u64; COUNTERS],
     connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
     connect_sum: Duration,
-    latency: Histogram<u64>,
-    latency_count: u64,
+    latency_buckets: [u64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ns: u64,
     bwe_buckets: [u64; BWE_BUCKETS.len() + 1],
     bwe_sum: u64,
@@ -168,8 +166,7 @@ impl Default for ShardCounters {
             connect_buckets: [0; CONNECT_BUCKETS.len() + 1],
             connect_sum: Duration::ZERO,
             // 1 us .. 10 s at 3 significant digits: about 40 KiB, allocated once.
-            latency: Histogram::new_with_bounds(1_000, 10_000_000_000, 3).expect("static bounds"),
-            latency_count: 0,
+            latency_buckets: [0; LATENCY_BUCKETS.len() + 1],
             latency_sum_ns: 0,
             bwe_buckets: [0; BWE_BUCKETS.len() + 1],
             bwe_sum: 0,
@@ -215,10 +212,13 @@ impl ShardCounters {
     /// One packet's receive-to-send time.
     #[inline]
     pub fn observe_latency(&mut self, d: Duration) {
-        let ns = (d.as_nanos() as u64).clamp(1_000, 10_000_000_000);
-        let _ = self.latency.record(ns);
-        self.latency_count += 1;
-        self.latency_sum_ns += ns;
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_buckets[i] += 1;
+        self.latency_sum_ns += d.as_nanos() as u64;
     }
 }
 
@@ -233,8 +233,7 @@ pub struct ShardStats {
     pub pool_allocated: AtomicU64,
     connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
     connect_sum_ns: AtomicU64,
-    latency_quantiles_ns: [AtomicU64; LATENCY_QUANTILES.len()],
-    latency_count: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ns: AtomicU64,
     bwe_buckets: [AtomicU64; BWE_BUCKETS.len() + 1],
     bwe_sum: AtomicU64,
@@ -252,8 +251,7 @@ impl Default for ShardStats {
             pool_allocated: AtomicU64::new(0),
             connect_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             connect_sum_ns: AtomicU64::new(0),
-            latency_quantiles_ns: std::array::from_fn(|_| AtomicU64::new(0)),
-            latency_count: AtomicU64::new(0),
+            latency_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_ns: AtomicU64::new(0),
             bwe_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             bwe_sum: AtomicU64::new(0),
@@ -263,9 +261,8 @@ impl Default for ShardStats {
 }
 
 impl ShardStats {
-    /// Copy the shard's counters out; with `rotate`, also publish the latency quantiles of the
-    /// window that just ended and start a new one.
-    pub fn publish(&self, c: &mut ShardCounters, rotate: bool) {
+    /// Copy the shard's counters out.
+    pub fn publish(&self, c: &ShardCounters) {
         for (slot, v) in self.counters.iter().zip(c.values.iter()) {
             slot.store(*v, Ordering::Relaxed);
         }
@@ -281,15 +278,11 @@ impl ShardStats {
         for (slot, v) in self.simulcast_layers.iter().zip(c.simulcast_layers.iter()) {
             slot.store(*v, Ordering::Relaxed);
         }
-        self.latency_count.store(c.latency_count, Ordering::Relaxed);
+        for (slot, v) in self.latency_buckets.iter().zip(c.latency_buckets.iter()) {
+            slot.store(*v, Ordering::Relaxed);
+        }
         self.latency_sum_ns
             .store(c.latency_sum_ns, Ordering::Relaxed);
-        if rotate && !c.latency.is_empty() {
-            for (slot, q) in self.latency_quantiles_ns.iter().zip(LATENCY_QUANTILES) {
-                slot.store(c.latency.value_at_quantile(q), Ordering::Relaxed);
-            }
-            c.latency.reset();
-        }
     }
 
     pub fn get(&self, c: Counter) -> u64 {
@@ -333,16 +326,14 @@ impl ShardStats {
         std::array::from_fn(|i| self.simulcast_layers[i].load(Ordering::Relaxed))
     }
 
-    /// (quantile, seconds) of the last full window, the count and the sum (seconds) since start.
-    pub fn latency(&self) -> (Vec<(f64, f64)>, u64, f64) {
-        let q = LATENCY_QUANTILES
-            .iter()
-            .zip(self.latency_quantiles_ns.iter())
-            .map(|(q, v)| (*q, v.load(Ordering::Relaxed) as f64 / 1e9))
-            .collect();
+    /// Per-bucket (not cumulative) forwarding-latency counts since start, the last one being
+    /// `+Inf`, and their sum in seconds.
+    pub fn latency(&self) -> (Vec<u64>, f64) {
         (
-            q,
-            self.latency_count.load(Ordering::Relaxed),
+            self.latency_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
             self.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
         )
     }
@@ -358,7 +349,7 @@ mod tests {
         c.inc(Counter::RtpIn);
         c.add(Counter::BytesIn, 1200);
         let s = ShardStats::default();
-        s.publish(&mut c, false);
+        s.publish(&c);
         assert_eq!(s.get(Counter::RtpIn), 1);
         assert_eq!(s.get(Counter::BytesIn), 1200);
         assert_eq!(s.get(Counter::DropRingFull), 0);
@@ -395,16 +386,20 @@ mod tests {
             c.observe_latency(Duration::from_micros(us));
         }
         let s = ShardStats::default();
-        s.publish(&mut c, true);
+        s.publish(&c);
         let (buckets, sum) = s.connect();
         assert_eq!(buckets[1], 1, "40 ms is in the 50 ms bucket");
         assert_eq!(*buckets.last().unwrap(), 1, "60 s is in +Inf");
         assert!(sum > Duration::from_secs(60));
-        let (q, count, total) = s.latency();
-        assert_eq!(count, 1000);
-        assert!((q[0].1 - 500e-6).abs() < 5e-6, "p50 {:?}", q[0]);
-        assert!((q[2].1 - 990e-6).abs() < 10e-6, "p99 {:?}", q[2]);
+        let (latency, total) = s.latency();
+        assert_eq!(latency.iter().sum::<u64>(), 1000);
+        assert_eq!(latency[0], 25, "1..=25 us");
+        assert_eq!(latency[8], 250, "501..=750 us");
+        assert_eq!(latency[9], 250, "751..=1000 us: 1 ms is in the 1 ms bucket");
+        assert_eq!(latency[10], 0);
         assert!(total > 0.4 && total < 0.6);
-        assert!(c.latency.is_empty(), "window restarted");
+        c.observe_latency(Duration::from_secs(1));
+        s.publish(&c);
+        assert_eq!(*s.latency().0.last().unwrap(), 1, "1 s is in +Inf");
     }
 }

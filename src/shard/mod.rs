@@ -26,7 +26,7 @@ use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 
 use crate::mesh::ANY_LAYER;
 use crate::mesh::{Doorbell, MediaPacket, MeshEndpoints, MeshMsg, PacketPool, PacketView, TrackId};
-use crate::metrics::{self, Counter, ShardCounters, ShardStats, LATENCY_WINDOW};
+use crate::metrics::{self, Counter, ShardCounters, ShardStats};
 use crate::sfu::{
     is_keyframe, vp8_keyframe_size, CodecKind, KeyframeThrottle, LayerTable, MaxLayer,
     SwitchReason, MAX_LAYERS,
@@ -369,7 +369,6 @@ struct ShardState {
     /// many of them have sent.
     written: Vec<usize>,
     written_sent: usize,
-    next_latency_rotate: Instant,
     next_sweep: Instant,
     next_publish: Instant,
     /// Simulcast layer tables and the bandwidth-estimate samples, once a second.
@@ -406,7 +405,6 @@ impl Shard {
             forwarded_arrivals: Vec::with_capacity(4096),
             written: Vec::with_capacity(256),
             written_sent: 0,
-            next_latency_rotate: now + Duration::from_secs(1),
             next_sweep: now + SWEEP_INTERVAL,
             next_publish: now + PUBLISH_INTERVAL,
             next_layers_tick: now + LAYERS_INTERVAL,
@@ -574,12 +572,7 @@ impl Shard {
 
     fn publish(&mut self, busy: Duration, idle: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
-        let now = Instant::now();
-        let rotate = now >= self.st.next_latency_rotate;
-        if rotate {
-            self.st.next_latency_rotate = now + LATENCY_WINDOW;
-        }
-        self.stats.publish(&mut self.st.counters, rotate);
+        self.stats.publish(&self.st.counters);
         self.stats.peers.store(self.st.peers.len() as u64, Relaxed);
         self.stats
             .tracks
