@@ -80,21 +80,63 @@ pub fn raise_fd_limit() -> u64 {
 /// CPU and memory of another process (the SFU), read from `/proc/PID`.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcSample {
-    /// CPU time of every live thread (utime + stime of all threads, exited ones included, in
-    /// clock ticks, when per-thread figures are not available).
+    /// CPU time of every thread seen so far, exited ones at their last reading (utime + stime
+    /// of all threads in clock ticks, when per-thread figures are not available).
     pub cpu: Duration,
     /// Resident set size.
     pub rss_bytes: u64,
 }
 
-pub fn proc_sample(pid: u32) -> std::io::Result<ProcSample> {
+/// `pid`'s CPU time from its threads' nanosecond clocks, kept across readings so that it never
+/// falls: a thread that exits keeps counting with its last reading. (Summing the live threads
+/// alone goes backwards when one exits, as in a test process that hosts the SFU next to other
+/// tests.)
+#[derive(Debug, Default)]
+pub struct ThreadCpu {
+    live: std::collections::HashMap<u64, u64>,
+    exited_ns: u64,
+}
+
+impl ThreadCpu {
+    pub fn read(&mut self, pid: u32) -> Option<Duration> {
+        let mut now = std::collections::HashMap::with_capacity(self.live.len());
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let entry = entry.ok()?;
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+                continue; // the thread just exited
+            };
+            let ns = text.split_whitespace().next()?.parse::<u64>().ok()?;
+            now.insert(tid, ns);
+        }
+        for (tid, last) in self.live.drain() {
+            match now.get(&tid) {
+                // The same thread, or a new one with its id (its clock restarted).
+                Some(ns) if *ns >= last => {}
+                _ => self.exited_ns += last,
+            }
+        }
+        self.live = now;
+        Some(Duration::from_nanos(
+            self.exited_ns + self.live.values().sum::<u64>(),
+        ))
+    }
+}
+
+pub fn proc_sample(pid: u32, threads: &mut ThreadCpu) -> std::io::Result<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let ticks = parse_stat_cpu(&stat).ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable /proc/PID/stat")
     })?;
     // Nanoseconds per live thread beat 10 ms clock ticks for short windows; the SFU's threads
     // live as long as it does.
-    let cpu = threads_cpu(pid).unwrap_or(ticks);
+    let cpu = threads.read(pid).unwrap_or(ticks);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kb = status
         .lines()
@@ -106,19 +148,6 @@ pub fn proc_sample(pid: u32) -> std::io::Result<ProcSample> {
         cpu,
         rss_bytes: rss_kb * 1024,
     })
-}
-
-/// CPU time of every live thread of `pid`, in nanoseconds (`/proc/PID/task/*/schedstat`).
-fn threads_cpu(pid: u32) -> Option<Duration> {
-    let mut total = 0u64;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let path = entry.ok()?.path().join("schedstat");
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue; // the thread just exited
-        };
-        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(Duration::from_nanos(total))
 }
 
 /// Time the hypervisor ran something else while these CPUs had work (the `steal` column of
@@ -206,7 +235,7 @@ mod tests {
 
     #[test]
     fn own_process_is_readable() {
-        let s = proc_sample(std::process::id()).unwrap();
+        let s = proc_sample(std::process::id(), &mut ThreadCpu::default()).unwrap();
         assert!(s.rss_bytes > 0);
         assert!(!allowed_cpus().is_empty());
     }
@@ -219,7 +248,7 @@ mod tests {
         while self_cpu() < start + Duration::from_millis(30) {
             x = std::hint::black_box(x.wrapping_add(1));
         }
-        let threads = threads_cpu(std::process::id()).unwrap();
+        let threads = ThreadCpu::default().read(std::process::id()).unwrap();
         let rusage = self_cpu();
         // The running thread's share is folded in at the next tick; exited test threads are
         // in getrusage only.
@@ -227,6 +256,36 @@ mod tests {
         assert!(
             threads <= rusage + Duration::from_millis(20),
             "{threads:?} {rusage:?}"
+        );
+    }
+
+    #[test]
+    fn thread_cpu_keeps_what_an_exited_thread_used() {
+        let (burnt_tx, burnt_rx) = std::sync::mpsc::channel();
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            let start = self_cpu();
+            let mut x = 0u64;
+            while self_cpu() < start + Duration::from_millis(30) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            burnt_tx.send(()).unwrap();
+            let _ = exit_rx.recv();
+        });
+        burnt_rx.recv().unwrap();
+        let mut cpu = ThreadCpu::default();
+        let with_worker = cpu.read(std::process::id()).unwrap();
+        exit_tx.send(()).unwrap();
+        worker.join().unwrap();
+        // The worker's 30 ms stay counted; the live threads alone would have lost them.
+        let after = cpu.read(std::process::id()).unwrap();
+        assert!(after >= with_worker, "{with_worker:?} then {after:?}");
+        // The process burnt 30 ms while the worker spun, some of it in other tests' threads:
+        // the worker's own share, which a sum of the live threads now lacks, is well over 5 ms.
+        let live_only = ThreadCpu::default().read(std::process::id()).unwrap();
+        assert!(
+            live_only + Duration::from_millis(5) <= after,
+            "{live_only:?} {after:?}"
         );
     }
 }
