@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::clock::{cpus_allowed_of, proc_sample, steal_of};
+use crate::clock::{cpus_allowed_of, proc_sample, steal_of, ThreadCpu};
 use crate::http::{self, Target};
 
 /// One reading of the SFU. Every field is `None` when its source is not configured or failed.
@@ -29,6 +29,8 @@ pub struct SfuMonitor {
     /// The CPUs the SFU may run on, from `/proc/PID/status` (with `--sfu-pid`).
     pub cpus: Vec<usize>,
     metrics: Option<(Target, String)>,
+    /// The SFU's CPU time, kept across readings (with `--sfu-pid`).
+    threads: ThreadCpu,
     pub warned: bool,
 }
 
@@ -50,13 +52,15 @@ impl SfuMonitor {
             None => None,
         };
         if let Some(pid) = pid {
-            proc_sample(pid).map_err(|e| format!("--sfu-pid {pid}: cannot read /proc: {e}"))?;
+            proc_sample(pid, &mut ThreadCpu::default())
+                .map_err(|e| format!("--sfu-pid {pid}: cannot read /proc: {e}"))?;
         }
         let cpus = pid.and_then(cpus_allowed_of).unwrap_or_default();
         Ok(SfuMonitor {
             pid,
             cpus,
             metrics,
+            threads: ThreadCpu::default(),
             warned: false,
         })
     }
@@ -82,7 +86,7 @@ impl SfuMonitor {
             }
         }
         if let Some(pid) = self.pid {
-            if let Ok(p) = proc_sample(pid) {
+            if let Ok(p) = proc_sample(pid, &mut self.threads) {
                 s.cpu = Some(p.cpu);
                 s.rss_bytes = Some(p.rss_bytes);
             }
@@ -208,11 +212,13 @@ impl LatencyBuckets {
                 return lower;
             }
             let below = if i == 0 { 0 } else { delta[i - 1] };
-            let inside = delta[i] - below;
+            // Each bucket's counters are read one by one while the shard publishes, so a
+            // bucket can look a packet short of the one below it.
+            let inside = delta[i].saturating_sub(below);
             if inside == 0 {
                 return upper;
             }
-            lower + (upper - lower) * (rank - below as f64) / inside as f64
+            (lower + (upper - lower) * (rank - below as f64) / inside as f64).clamp(lower, upper)
         };
         Some([0.5, 0.9, 0.99, 0.999].map(|q| quantile(q) * 1e6))
     }
@@ -306,7 +312,7 @@ sluice_forward_latency_seconds_sum{shard=\"0\"} 1.5
         assert!((q[2] - 1000.0).abs() < 1e-6, "{q:?}");
         // p999: in +Inf, reported as the largest finite bound.
         assert!((q[3] - 1000.0).abs() < 1e-6, "{q:?}");
-        // Everything since the SFU started is dominated by the window's packets, but differs.
+        // Counted since the SFU started (from zero), the quantiles are not the window's.
         assert_ne!(
             end.quantiles_since(&LatencyBuckets {
                 cumulative: [0; MAX_BUCKETS],
