@@ -372,6 +372,7 @@ mod test {
     /// sluice: a compact entry stays small (each byte of it is brought into the cache when it is
     /// written and again when it is evicted).
     #[test]
+    #[cfg(target_pointer_width = "64")]
     fn a_compact_entry_is_56_bytes() {
         assert_eq!(std::mem::size_of::<Cached>(), 56);
     }
