@@ -165,7 +165,6 @@ impl Default for ShardCounters {
             values: [0; COUNTERS],
             connect_buckets: [0; CONNECT_BUCKETS.len() + 1],
             connect_sum: Duration::ZERO,
-            // 1 us .. 10 s at 3 significant digits: about 40 KiB, allocated once.
             latency_buckets: [0; LATENCY_BUCKETS.len() + 1],
             latency_sum_ns: 0,
             bwe_buckets: [0; BWE_BUCKETS.len() + 1],
