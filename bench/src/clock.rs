@@ -117,7 +117,8 @@ impl ThreadCpu {
         }
         for (tid, last) in self.live.drain() {
             match now.get(&tid) {
-                // The same thread, or a new one with its id (its clock restarted).
+                // The same thread. (A new thread that reused the id and has already run longer
+                // than the old one's last reading is taken for it: rare, and only undercounts.)
                 Some(ns) if *ns >= last => {}
                 _ => self.exited_ns += last,
             }
@@ -134,8 +135,7 @@ pub fn proc_sample(pid: u32, threads: &mut ThreadCpu) -> std::io::Result<ProcSam
     let ticks = parse_stat_cpu(&stat).ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable /proc/PID/stat")
     })?;
-    // Nanoseconds per live thread beat 10 ms clock ticks for short windows; the SFU's threads
-    // live as long as it does.
+    // Nanoseconds per thread beat 10 ms clock ticks for short windows.
     let cpu = threads.read(pid).unwrap_or(ticks);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kb = status

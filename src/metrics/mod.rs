@@ -188,37 +188,29 @@ impl ShardCounters {
     }
 
     pub fn observe_connect(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = CONNECT_BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(CONNECT_BUCKETS.len());
-        self.connect_buckets[i] += 1;
+        self.connect_buckets[bucket(&CONNECT_BUCKETS, d.as_secs_f64())] += 1;
         self.connect_sum += d;
     }
 
     /// One subscriber's current bandwidth estimate in bits per second (sampled once a second).
     pub fn observe_bwe(&mut self, bps: u64) {
-        let v = bps as f64 / 8.0;
-        let i = BWE_BUCKETS
-            .iter()
-            .position(|b| v <= *b)
-            .unwrap_or(BWE_BUCKETS.len());
-        self.bwe_buckets[i] += 1;
+        self.bwe_buckets[bucket(&BWE_BUCKETS, bps as f64 / 8.0)] += 1;
         self.bwe_sum += bps;
     }
 
     /// One packet's receive-to-send time.
     #[inline]
     pub fn observe_latency(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.latency_buckets[i] += 1;
+        self.latency_buckets[bucket(&LATENCY_BUCKETS, d.as_secs_f64())] += 1;
         self.latency_sum_ns += d.as_nanos() as u64;
     }
+}
+
+/// The histogram bucket of `v`: the first upper bound it does not exceed, or `bounds.len()`
+/// (`+Inf`).
+#[inline]
+fn bucket(bounds: &[f64], v: f64) -> usize {
+    bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len())
 }
 
 /// The published snapshot of one shard, read by the control thread.
