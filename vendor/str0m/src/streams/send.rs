@@ -39,6 +39,10 @@ pub const DEFAULT_RTX_CACHE_DURATION: Duration = Duration::from_secs(3);
 
 pub const DEFAULT_RTX_RATIO_CAP: Option<f32> = Some(0.15f32);
 
+/// sluice: how often the resend ratio is worked out again. The byte histories behind it keep one
+/// entry per this interval (`ValueHistory::with_resolution`), not one per packet.
+pub(crate) const RTX_RATIO_INTERVAL: Duration = Duration::from_millis(50);
+
 /// A recently sampled view of an outgoing stream's send queue.
 ///
 /// str0m refreshes this information as part of its regular pacer and bandwidth-estimation
@@ -466,10 +470,10 @@ impl StreamTx {
         if rtx_ratio_cap.is_some() {
             self.stats
                 .bytes_transmitted
-                .get_or_insert_with(ValueHistory::default);
+                .get_or_insert_with(|| ValueHistory::with_resolution(RTX_RATIO_INTERVAL));
             self.stats
                 .bytes_retransmitted
-                .get_or_insert_with(ValueHistory::default);
+                .get_or_insert_with(|| ValueHistory::with_resolution(RTX_RATIO_INTERVAL));
         } else {
             self.stats.bytes_transmitted = None;
             self.stats.bytes_retransmitted = None;
@@ -831,10 +835,7 @@ impl StreamTx {
         let body_len = match next.kind {
             NextPacketKind::Regular | NextPacketKind::Resend(_) => {
                 let body_len = pkt.payload.len();
-                if detach_body
-                    && next.kind == NextPacketKind::Regular
-                    && pkt.vp8_patch.is_none()
-                {
+                if detach_body && next.kind == NextPacketKind::Regular && pkt.vp8_patch.is_none() {
                     body = Some(pkt.payload.clone());
                 } else if let Some(patch) = pkt.vp8_patch.as_ref() {
                     patch.copy_to(pkt.payload.as_ref(), &mut body_out[..body_len]);
@@ -929,6 +930,14 @@ impl StreamTx {
     }
 
     fn rtx_ratio_downsampled(&mut self, now: Instant) -> f32 {
+        // sluice: the time is looked at first, so that the calls in between, one per packet,
+        // read nothing of the histories.
+        let (value, ts) = self.rtx_ratio;
+        if now - ts < RTX_RATIO_INTERVAL {
+            // not worth re-evaluating, return the old value
+            return value;
+        }
+
         assert!(
             self.stats.bytes_transmitted.is_some(),
             "rtx_ratio_cap must be enabled"
@@ -937,12 +946,6 @@ impl StreamTx {
             self.stats.bytes_retransmitted.is_some(),
             "rtx_ratio_cap must be enabled"
         );
-
-        let (value, ts) = self.rtx_ratio;
-        if now - ts < Duration::from_millis(50) {
-            // not worth re-evaluating, return the old value
-            return value;
-        }
 
         // bytes stats refer to the last second by default
         self.stats

@@ -7,6 +7,7 @@ use crate::util::value_history::ValueHistory;
 use crate::util::{InstantExt, calculate_rtt};
 
 use super::MidRid;
+use super::send::RTX_RATIO_INTERVAL;
 
 /// Holder of stats.
 #[derive(Debug)]
@@ -58,8 +59,8 @@ impl StreamTxStats {
             rtt: None,
             losses: Losses::new(enable_stats),
             last_rr: None,
-            bytes_transmitted: Some(Default::default()),
-            bytes_retransmitted: Some(Default::default()),
+            bytes_transmitted: Some(ValueHistory::with_resolution(RTX_RATIO_INTERVAL)),
+            bytes_retransmitted: Some(ValueHistory::with_resolution(RTX_RATIO_INTERVAL)),
         }
     }
 

@@ -10,6 +10,10 @@ pub(crate) struct ValueHistory<T> {
     value: T,
     history: VecDeque<(Instant, T)>,
     max_time: Duration,
+    /// sluice: values pushed less than this after the newest entry are added to it, so the
+    /// history holds about `max_time / resolution` entries however many values arrive, and each
+    /// entry leaves up to `resolution` early. Zero (the default) keeps every value apart.
+    resolution: Duration,
 }
 
 const DEFAULT_VALUE_HISTORY_DURATION: Duration = Duration::from_secs(1);
@@ -20,6 +24,17 @@ impl<T: Default> Default for ValueHistory<T> {
             value: Default::default(),
             history: Default::default(),
             max_time: DEFAULT_VALUE_HISTORY_DURATION,
+            resolution: Duration::ZERO,
+        }
+    }
+}
+
+impl<T: Default> ValueHistory<T> {
+    /// sluice: a history whose values within `resolution` of the newest entry share it.
+    pub fn with_resolution(resolution: Duration) -> Self {
+        Self {
+            resolution,
+            ..Default::default()
         }
     }
 }
@@ -32,6 +47,12 @@ where
     /// Note: time should always monotonically increase in subsequent calls to add()
     pub fn push(&mut self, t: Instant, v: T) {
         self.value += v;
+        if let Some((newest, sum)) = self.history.back_mut() {
+            if t.saturating_duration_since(*newest) < self.resolution {
+                *sum += v;
+                return;
+            }
+        }
         self.history.push_back((t, v));
     }
 
@@ -105,5 +126,44 @@ mod test {
         assert_eq!(h.sum(), 33);
         h.purge_old(now + Duration::from_millis(600));
         assert_eq!(h.sum(), 0);
+    }
+
+    #[test]
+    fn values_within_the_resolution_share_an_entry() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut h = ValueHistory::with_resolution(ms(50));
+
+        // A value every 10 ms for a second: one entry per 50 ms, not one per value.
+        for i in 0..100 {
+            h.push(now + ms(i * 10), 1_u64);
+        }
+        assert_eq!(h.sum(), 100);
+        assert_eq!(h.history.len(), 20);
+
+        // An entry leaves with its first value's time: at 1.045 s the one begun at 0 ms is
+        // older than a second, and its five values go, although four were pushed later.
+        h.purge_old(now + ms(1_000));
+        assert_eq!(h.sum(), 100);
+        h.purge_old(now + ms(1_045));
+        assert_eq!(h.sum(), 95);
+        assert_eq!(h.history.len(), 19);
+
+        // A gap longer than the resolution starts a new entry; so does an equal one.
+        h.push(now + ms(2_000), 7);
+        h.push(now + ms(2_050), 3);
+        assert_eq!(h.history.len(), 21);
+        h.purge_old(now + ms(3_001));
+        assert_eq!(h.sum(), 3);
+    }
+
+    #[test]
+    fn without_a_resolution_every_value_has_its_entry() {
+        let now = Instant::now();
+        let mut h = ValueHistory::default();
+        for _ in 0..3 {
+            h.push(now, 1_u64);
+        }
+        assert_eq!(h.history.len(), 3);
     }
 }
