@@ -141,11 +141,12 @@ mod test {
         assert_eq!(h.sum(), 100);
         assert_eq!(h.history.len(), 20);
 
-        // An entry leaves with its first value's time: at 1.045 s the one begun at 0 ms is
-        // older than a second, and its five values go, although four were pushed later.
+        // An entry leaves with its first value's time: at 1.001 s the one begun at 0 ms is
+        // older than a second, and its five values go, although those pushed at 10 to 40 ms are
+        // not.
         h.purge_old(now + ms(1_000));
         assert_eq!(h.sum(), 100);
-        h.purge_old(now + ms(1_045));
+        h.purge_old(now + ms(1_001));
         assert_eq!(h.sum(), 95);
         assert_eq!(h.history.len(), 19);
 
