@@ -26,7 +26,7 @@ pub struct SfuSample {
 
 pub struct SfuMonitor {
     pid: Option<u32>,
-    /// The CPUs the SFU may run on, from `/proc/PID/status` (with `--sfu-pid`).
+    /// The CPUs the SFU may run on, from its affinity (`sched_getaffinity`, with `--sfu-pid`).
     pub cpus: Vec<usize>,
     metrics: Option<(Target, String)>,
     /// The SFU's CPU time, kept across readings (with `--sfu-pid`).

@@ -136,17 +136,7 @@ impl<T> EvictingBuffer<T> {
 
     #[allow(unused)]
     pub fn get_mut(&mut self, position: u64) -> Option<&mut T> {
-        if self.is_inert() {
-            return None;
-        }
-
-        let index = (position % self.buf.len() as u64) as usize;
-        if let Some(entry) = &mut self.buf[index] {
-            if entry.position == position {
-                return Some(&mut entry.value);
-            }
-        }
-        None
+        self.get_mut_with_time(position).map(|(value, _)| value)
     }
 
     /// sluice: `get_mut`, with the time the entry was pushed at.
