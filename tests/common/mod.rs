@@ -322,6 +322,16 @@ const VIDEO_EVERY: Duration = Duration::from_millis(5);
 const AUDIO_EVERY: Duration = Duration::from_millis(20);
 const KEYFRAME_EVERY: Duration = Duration::from_secs(1);
 
+/// The next send time of a stream sent every `every`, on a fixed schedule: a turn that comes late
+/// (a debug build on a busy CI machine) does not push every later packet back, so the stream
+/// keeps its rate. At most `CATCH_UP` intervals are made up, so a long stall (or a pause) is
+/// followed by a burst of at most that many packets.
+pub fn next_due(due: Instant, every: Duration, now: Instant) -> Instant {
+    const CATCH_UP: u32 = 10;
+    let floor = now.checked_sub(every * CATCH_UP).unwrap_or(now);
+    (due + every).max(floor)
+}
+
 /// Hand everything `rtc` has to send to the socket and record its events; the next deadline,
 /// or `None` once the connection is dead.
 fn drain(rtc: &mut Rtc, socket: &UdpSocket, st: &ClientState, video_mid: Mid) -> Option<Instant> {
@@ -403,11 +413,12 @@ fn run_client(
         let now = Instant::now();
         // Publish whatever is due. Both kinds are checked on every turn, and the socket is read
         // on every turn: a turn slower than the video interval (a debug build on a busy CI
-        // machine) must not starve the audio or the ICE and DTLS input.
+        // machine) must not starve the audio or the ICE and DTLS input. A late turn sends every
+        // packet it is late by (`next_due`), so the streams keep their rates.
         let mut wrote = false;
         if publish && st.connected.load(Ordering::Relaxed) && !st.paused.load(Ordering::Relaxed) {
-            if now >= next_video {
-                next_video = now + VIDEO_EVERY;
+            while now >= next_video {
+                next_video = next_due(next_video, VIDEO_EVERY, now);
                 let key = st.force_keyframe.swap(false, Ordering::Relaxed)
                     || now >= last_keyframe + KEYFRAME_EVERY;
                 if key {
@@ -428,8 +439,8 @@ fn run_client(
                     wrote = true;
                 }
             }
-            if now >= next_audio {
-                next_audio = now + AUDIO_EVERY;
+            while now >= next_audio {
+                next_audio = next_due(next_audio, AUDIO_EVERY, now);
                 if let (Some(pt), Some(tx)) =
                     (apt, rtc.direct_api().stream_tx_by_mid(audio_mid, None))
                 {

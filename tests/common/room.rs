@@ -20,7 +20,7 @@ use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-use super::{audio_payload, payload_counter, vp8_payload};
+use super::{audio_payload, next_due, payload_counter, vp8_payload};
 
 #[derive(Default)]
 pub struct RoomState {
@@ -472,7 +472,7 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
             (st.publish_connected.load(Ordering::Relaxed), media_mids)
         {
             if now >= next_video {
-                next_video = now + Duration::from_millis(33);
+                next_video = next_due(next_video, Duration::from_millis(33), now);
                 let key = force_key || now >= last_key + Duration::from_secs(1);
                 force_key = false;
                 if key {
@@ -514,7 +514,7 @@ fn drive(mut ws: Ws, st: Arc<RoomState>, publish: bool) {
                 vcount += 1;
             }
             if now >= next_audio {
-                next_audio = now + Duration::from_millis(20);
+                next_audio = next_due(next_audio, Duration::from_millis(20), now);
                 let level = *st.level.lock().unwrap();
                 if let (Some(pt), Some(tx)) = (
                     apt,
