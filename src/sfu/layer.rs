@@ -138,7 +138,10 @@ pub struct LayerSelectorConfig {
     /// Taken off the estimate before video gets any: audio is never sacrificed for video.
     pub audio_reserve_bps: u64,
     /// Switch down as soon as the video budget is below the layer's bitrate × this
-    /// percentage (below the lowest layer's, see [`pause_hold`](Self::pause_hold)).
+    /// percentage (below the lowest layer's, see [`pause_hold`](Self::pause_hold)). The
+    /// layer switched to is the highest the budget carries with the upswitch hysteresis
+    /// (the lowest if none does): an estimate that just fell has shown the link is full, and a
+    /// layer at the very edge of it would be dropped again, at the cost of a second keyframe.
     pub downswitch_margin_pct: u32,
     /// Pause video only once the budget has stayed below the lowest layer (by the margin
     /// above) this long, unbroken; meanwhile the lowest layer is forwarded. An estimate
@@ -149,8 +152,10 @@ pub struct LayerSelectorConfig {
     /// Switch up (or resume) only once the video budget has stayed at or above the layer's
     /// bitrate × (100 + this) % for [`upswitch_hold`](Self::upswitch_hold).
     pub upswitch_hysteresis_pct: u32,
-    /// See [`upswitch_hysteresis_pct`](Self::upswitch_hysteresis_pct). Doubled (up to four
-    /// times) after each upswitch that is undone by the estimate within 10 s.
+    /// See [`upswitch_hysteresis_pct`](Self::upswitch_hysteresis_pct). For one layer, doubled
+    /// (up to four times) after each upswitch to it that the estimate undoes within 10 s; an
+    /// upswitch to a higher layer, which needs a budget well above the one that failed, keeps
+    /// its own hold.
     pub upswitch_hold: Duration,
     /// While a switch waits for a keyframe, ask again this often, per layer (zero: on every
     /// call of `poll_keyframe_request`).
@@ -280,10 +285,11 @@ pub struct LayerSelector {
     current: Option<usize>,
     /// Per layer: since when the budget has covered its bitrate × (1 + hysteresis), unbroken.
     comfortable_since: [Option<Instant>; MAX_LAYERS],
-    /// The upswitch hold is `upswitch_hold << hold_backoff`.
-    hold_backoff: u32,
-    /// The last upswitch decided by the estimate, while it may still fail.
-    last_upswitch: Option<Instant>,
+    /// Per layer: the upswitch hold to it is `upswitch_hold << hold_backoff[i]`.
+    hold_backoff: [u32; MAX_LAYERS],
+    /// The last upswitch decided by the estimate (when, and to which layer), while it may
+    /// still fail.
+    last_upswitch: Option<(Instant, usize)>,
     /// Since when the budget has not kept even the lowest layer, unbroken (see
     /// [`LayerSelectorConfig::pause_hold`]).
     short_since: Option<Instant>,
@@ -313,7 +319,7 @@ impl LayerSelector {
             target_reason: SwitchReason::Start,
             current: None,
             comfortable_since: [None; MAX_LAYERS],
-            hold_backoff: 0,
+            hold_backoff: [0; MAX_LAYERS],
             last_upswitch: None,
             short_since: None,
             wake_at: None,
@@ -580,12 +586,12 @@ impl LayerSelector {
                 self.comfortable_since[i] = None;
             }
         }
-        if self
-            .last_upswitch
-            .is_some_and(|t| now.saturating_duration_since(t) >= FAILED_UPSWITCH_WINDOW)
-        {
-            self.last_upswitch = None;
-            self.hold_backoff = 0;
+        if let Some((t, to)) = self.last_upswitch {
+            if now.saturating_duration_since(t) >= FAILED_UPSWITCH_WINDOW {
+                // It lasted: that layer, and every layer below it, is held the base time again.
+                self.last_upswitch = None;
+                self.hold_backoff[..=to].fill(0);
+            }
         }
         self.wake_at = None;
         let allowed = self.allowed();
@@ -631,28 +637,38 @@ impl LayerSelector {
             .rev()
             .find(|&i| allowed & (1 << i) != 0 && self.keeps(i, budget))
             .unwrap_or(lowest);
+        // Until the first picture, nothing can oscillate: follow what fits, at what such layers
+        // usually cost (see `start_cost`).
+        let fits_at_start = (0..self.count)
+            .rev()
+            .find(|&i| {
+                allowed & (1 << i) != 0
+                    && carries(budget, self.start_cost(i), self.cfg.downswitch_margin_pct)
+            })
+            .unwrap_or(lowest);
         let (target, reason) = match self.target {
-            // Until the first picture, nothing can oscillate: follow what fits.
-            None => (fits_now, SwitchReason::Start),
+            None => (fits_at_start, SwitchReason::Start),
             Some(_) if self.current.is_none() && self.target_reason == SwitchReason::Start => {
-                (fits_now, SwitchReason::Start)
+                (fits_at_start, SwitchReason::Start)
             }
             Some(t) if allowed & (1 << t) == 0 => (fits_now, cause),
             Some(t) if !self.keeps(t, budget) => {
-                if cause == SwitchReason::Estimate
-                    && self
-                        .last_upswitch
-                        .is_some_and(|u| now.saturating_duration_since(u) < FAILED_UPSWITCH_WINDOW)
-                {
-                    self.hold_backoff = (self.hold_backoff + 1).min(MAX_HOLD_BACKOFF);
+                let failed = self
+                    .last_upswitch
+                    .filter(|&(u, _)| now.saturating_duration_since(u) < FAILED_UPSWITCH_WINDOW);
+                if let (SwitchReason::Estimate, Some((_, to))) = (cause, failed) {
+                    self.hold_backoff[to] = (self.hold_backoff[to] + 1).min(MAX_HOLD_BACKOFF);
                     self.last_upswitch = None;
                 }
-                (fits_now, cause)
+                let settles = (0..t)
+                    .rev()
+                    .find(|&i| allowed & (1 << i) != 0 && self.comfortable(i, budget));
+                (settles.unwrap_or(lowest), cause)
             }
             Some(t) => match self.best_held(allowed, now) {
                 Some(up) if up > t => {
                     if cause == SwitchReason::Estimate {
-                        self.last_upswitch = Some(now);
+                        self.last_upswitch = Some((now, up));
                     }
                     (up, cause)
                 }
@@ -668,15 +684,14 @@ impl LayerSelector {
 
     /// Sets `wake_at` to when the next hold that could move us up, or pause us, completes.
     fn schedule_wake(&mut self, allowed: u8, now: Instant) {
-        let hold = self.hold();
         let above = match (self.paused, self.target) {
             (false, Some(t)) => t + 1,
             _ => 0,
         };
         self.wake_at = (above..self.count)
             .filter(|&i| allowed & (1 << i) != 0)
-            .filter_map(|i| self.comfortable_since[i])
-            .map(|since| since.checked_add(hold).unwrap_or(since))
+            .filter_map(|i| Some((i, self.comfortable_since[i]?)))
+            .map(|(i, since)| since.checked_add(self.hold(i)).unwrap_or(since))
             .chain(
                 self.short_since
                     .map(|since| since.checked_add(self.cfg.pause_hold).unwrap_or(since)),
@@ -693,12 +708,13 @@ impl LayerSelector {
     }
 
     fn held(&self, i: usize, now: Instant) -> bool {
-        let hold = self.hold();
+        let hold = self.hold(i);
         self.comfortable_since[i].is_some_and(|since| now.saturating_duration_since(since) >= hold)
     }
 
-    fn hold(&self) -> Duration {
-        self.cfg.upswitch_hold * (1 << self.hold_backoff)
+    /// How long layer `i` must stay comfortable before an upswitch (or a resume) to it.
+    fn hold(&self, i: usize) -> Duration {
+        self.cfg.upswitch_hold * (1 << self.hold_backoff[i])
     }
 
     /// The target, while a switch to it waits for a keyframe.
@@ -722,20 +738,23 @@ impl LayerSelector {
         }
     }
 
+    /// What layer `i` is taken to cost for the first picture: at least what the layer of its
+    /// rank usually takes ([`LayerTable::assumed`]). A publisher's upper layers are thin while
+    /// its encoder ramps up from its own low starting estimate, and a start on a layer that only
+    /// looked cheap sends that layer's keyframe into a link that cannot carry it.
+    fn start_cost(&self, i: usize) -> u64 {
+        let typical = LayerTable::assumed(self.count).layers[i].bitrate_bps;
+        self.cost(i).max(typical)
+    }
+
     /// The budget still carries layer `i`: no reason to leave it.
     fn keeps(&self, i: usize, budget: Option<u64>) -> bool {
-        let need = self
-            .cost(i)
-            .saturating_mul(u64::from(self.cfg.downswitch_margin_pct));
-        budget.is_none_or(|b| b.saturating_mul(100) >= need)
+        carries(budget, self.cost(i), self.cfg.downswitch_margin_pct)
     }
 
     /// The budget carries layer `i` with hysteresis to spare.
     fn comfortable(&self, i: usize, budget: Option<u64>) -> bool {
-        let need = self
-            .cost(i)
-            .saturating_mul(100 + u64::from(self.cfg.upswitch_hysteresis_pct));
-        budget.is_none_or(|b| b.saturating_mul(100) >= need)
+        carries(budget, self.cost(i), 100 + self.cfg.upswitch_hysteresis_pct)
     }
 
     /// The highest layer the cap allows.
@@ -783,6 +802,12 @@ impl LayerSelector {
         self.events[slot] = Some(e);
         self.event_len += 1;
     }
+}
+
+/// `budget` (none: no limit) covers `cost` × `pct` %.
+fn carries(budget: Option<u64>, cost: u64, pct: u32) -> bool {
+    let need = cost.saturating_mul(u64::from(pct));
+    budget.is_none_or(|b| b.saturating_mul(100) >= need)
 }
 
 fn lowest(mask: u8) -> usize {
@@ -1137,6 +1162,95 @@ mod tests {
         let s = sim.switches();
         assert_eq!(s.len(), 7, "{s:?}");
         assert!(s[6].3 >= secs(43.5) && s[6].3 < secs(43.8), "{:?}", s[6].3);
+    }
+
+    #[test]
+    fn a_downswitch_lands_where_the_budget_has_room_to_spare() {
+        // 600 kbit/s leaves 536 for video: mid (500) would just fit, with no room for the
+        // hysteresis (575). The estimate has just shown the link is full, so down to low,
+        // and up to mid only once the budget carries it with the hysteresis, after the hold.
+        let mut sim = Sim::new(MaxLayer::default());
+        let trace = |t: Duration| match t.as_secs_f64() {
+            t if t < 5.0 => 3_000_000,
+            t if t < 15.0 => 600_000,
+            _ => 700_000,
+        };
+        sim.run(secs(25.0), trace);
+        start_on(&sim, 2);
+        let s = sim.switches();
+        let layers: Vec<_> = s.iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(
+            layers,
+            [(None, Some(2)), (Some(2), Some(0)), (Some(0), Some(1))]
+        );
+        assert!(s[1].3 >= secs(5.0) && s[1].3 < secs(5.3), "{:?}", s[1].3);
+        assert!(s[2].3 >= secs(17.5) && s[2].3 < secs(17.8), "{:?}", s[2].3);
+        sim.assert_forwarding_from(s[2].3 + FRAME, Some(1));
+        assert_eq!(sim.request_layers(), [2, 0, 1]);
+    }
+
+    #[test]
+    fn the_first_picture_is_not_chosen_on_a_thin_top_layer() {
+        // The publisher's encoder is still ramping: every layer measures cheap. At 600 kbit/s
+        // high would "fit" (536 for video), but a 720p layer usually takes 1.5 Mbit/s: start
+        // on mid. Once the picture flows, the measurements count, and high follows the hold.
+        let mut sim = Sim::new(MaxLayer::default());
+        for (i, bps) in [100_000, 250_000, 300_000].into_iter().enumerate() {
+            sim.sel.measured_bitrate(i, bps, sim.t0);
+        }
+        sim.run(secs(6.0), |_| 600_000);
+        start_on(&sim, 1);
+        let s = sim.switches();
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!((s[1].0, s[1].1), (Some(1), Some(2)));
+        assert!(s[1].3 >= secs(2.5) && s[1].3 < secs(2.8), "{:?}", s[1].3);
+        // With nothing measured, the typical bitrates are the costs: the same start.
+        let mut sim = Sim::new(MaxLayer::default());
+        sim.run(secs(1.0), |_| 3_000_000);
+        start_on(&sim, 2);
+    }
+
+    #[test]
+    fn a_failed_upswitch_holds_back_only_that_layer() {
+        // Low, up to mid after the hold (at 7.5 s), and back to low at 8.0 s: mid's hold is now
+        // 5 s. At 10 s the estimate jumps far above mid's: high is held its own 2.5 s.
+        let mut sim = Sim::new(MaxLayer::default());
+        let trace = |t: Duration| match t.as_secs_f64() {
+            t if t < 1.0 => 3_000_000,
+            t if t < 5.0 => 400_000,
+            t if t < 8.0 => 700_000,
+            t if t < 10.0 => 400_000,
+            _ => 3_000_000,
+        };
+        sim.run(secs(20.0), trace);
+        let s = sim.switches();
+        let layers: Vec<_> = s.iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(
+            layers,
+            [
+                (None, Some(2)),
+                (Some(2), Some(0)),
+                (Some(0), Some(1)),
+                (Some(1), Some(0)),
+                (Some(0), Some(2))
+            ]
+        );
+        assert!(s[2].3 >= secs(7.5) && s[2].3 < secs(7.8), "{:?}", s[2].3);
+        assert!(s[4].3 >= secs(12.5) && s[4].3 < secs(12.8), "{:?}", s[4].3);
+        // Mid itself still waits twice the hold after that failure.
+        let mut sim = Sim::new(MaxLayer::default());
+        let trace = move |t: Duration| {
+            if t.as_secs_f64() < 10.0 {
+                trace(t)
+            } else {
+                700_000
+            }
+        };
+        sim.run(secs(20.0), trace);
+        let s = sim.switches();
+        assert_eq!(s.len(), 5, "{s:?}");
+        assert_eq!((s[4].0, s[4].1), (Some(0), Some(1)));
+        assert!(s[4].3 >= secs(15.0) && s[4].3 < secs(15.3), "{:?}", s[4].3);
     }
 
     #[test]
