@@ -322,10 +322,23 @@ pub(crate) fn codec_kind(p: &PayloadParams) -> CodecKind {
 
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 const LAYERS_INTERVAL: Duration = Duration::from_secs(1);
-/// How often a subscriber that wants a higher layer than its estimate allows asks for a probe.
-const PROBE_EVERY: Duration = Duration::from_secs(3);
+/// How long a subscriber that wants a higher layer than its estimate allows waits after one
+/// probe before it asks for the next. With the second the dip lasts (`probe_for_more` runs once a
+/// second), a probe every 2 s: each may at most double the estimate (str0m caps a probe at twice
+/// the estimate), and an estimate that collapsed with a burst of loss (a bottleneck queue
+/// flushed) must climb back a doubling at a time.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_DIP_BPS: u64 = 10_000;
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The estimator targets (padding floor, desired) for the tick a probe dip lasts, from the
+/// viewer's (`bwe_targets`); `None` when the desired bitrate is too small to dip. The floor dips
+/// with it: one layer under the top, the floor (the next layer up) and the goal (the top) are
+/// the same, and a dip kept above the floor would be none (such a viewer never probed).
+fn probe_dip(minimum: u64, desired: u64) -> Option<(u64, u64)> {
+    let dip = desired.checked_sub(PROBE_DIP_BPS).filter(|&d| d > 0)?;
+    Some((minimum.min(dip), dip))
+}
 const MAX_SOURCES_PER_PEER: usize = 8;
 const SUBSCRIBER_KEYFRAME_RETRY: Duration = Duration::from_millis(300);
 
@@ -1290,24 +1303,23 @@ impl ShardState {
                         sel.paused() || sel.target() < sel.max()
                     })
             });
-            if !wants_more || peer.bwe.is_some_and(|e| e >= desired) {
-                peer.probe_dip = false;
-                continue;
-            }
-            let dip = desired.saturating_sub(PROBE_DIP_BPS).max(minimum);
+            let short = wants_more && peer.bwe.is_none_or(|e| e < desired);
             if peer.probe_dip {
+                // Back from the dip: str0m sees the desired bitrate rise, and probes.
                 peer.probe_dip = false;
                 peer.next_probe = now + PROBE_EVERY;
                 peer.rtc
                     .bwe()
                     .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
                 touched.push(key);
-            } else if now >= peer.next_probe && dip < desired {
-                peer.probe_dip = true;
-                peer.rtc
-                    .bwe()
-                    .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(dip));
-                touched.push(key);
+            } else if short && now >= peer.next_probe {
+                if let Some((floor, dip)) = probe_dip(minimum, desired) {
+                    peer.probe_dip = true;
+                    peer.rtc
+                        .bwe()
+                        .set_bitrate(Bitrate::bps(floor), Bitrate::bps(dip));
+                    touched.push(key);
+                }
             }
         }
         for key in touched {
@@ -1560,4 +1572,19 @@ fn _assert_send() {
     fn is_send<T: Send>() {}
     is_send::<ShardCommand>();
     is_send::<PeerTrack>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_dip_goes_under_the_padding_floor_when_it_must() {
+        // One layer under the top: the next layer up is the goal, floor and desired are equal.
+        assert_eq!(probe_dip(900_000, 900_000), Some((890_000, 890_000)));
+        // Further down, the floor (the next layer up) stays under the dip.
+        assert_eq!(probe_dip(467_000, 1_262_000), Some((467_000, 1_252_000)));
+        assert_eq!(probe_dip(0, PROBE_DIP_BPS), None);
+        assert_eq!(probe_dip(0, 0), None);
+    }
 }
