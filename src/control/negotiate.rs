@@ -15,7 +15,8 @@ use str0m::{Candidate, Rtc, RtcConfig};
 /// 720p simulcast at most, as mediasoup's default (libwebrtc starts at 300). The first picture
 /// is chosen on it, and str0m paces at it: a guess above the link pours the top layer's
 /// keyframe into a queue that drops it, and the viewer spends its first seconds recovering.
-/// str0m's initial probes (3 and 6 times this) show at once whether more fits.
+/// str0m's first probes (3 and 6 times this, at most twice what the layer selectors want) show
+/// at once whether more fits.
 const VIEWER_INITIAL_BWE_KBPS: u64 = 600;
 
 /// Which bandwidth estimate a peer connection's media feeds, and so which header extensions it
