@@ -52,9 +52,7 @@ impl LayerTable {
     /// Before anything is measured: `count` layers, all live, with the bitrates a browser's
     /// usual three layers (quarter, half and full 720p) take.
     pub fn assumed(count: usize) -> LayerTable {
-        const TYPICAL_BPS: [u64; MAX_LAYERS] = [150_000, 500_000, 1_500_000, 3_000_000];
         let count = count.min(MAX_LAYERS);
-        let skip = 3_usize.saturating_sub(count);
         let mut t = LayerTable {
             count: count as u8,
             live: ((1u16 << count) - 1) as u8,
@@ -62,7 +60,7 @@ impl LayerTable {
             ..Default::default()
         };
         for i in 0..count {
-            t.layers[i].bitrate_bps = TYPICAL_BPS[(i + skip).min(MAX_LAYERS - 1)];
+            t.layers[i].bitrate_bps = typical_bps(count, i);
         }
         t
     }
@@ -633,23 +631,22 @@ impl LayerSelector {
         }
 
         // The highest layer that fits right now (the lowest does).
-        let fits_now = (0..self.count)
-            .rev()
-            .find(|&i| allowed & (1 << i) != 0 && self.keeps(i, budget))
+        let fits_now = self
+            .highest(self.count, allowed, |i| self.keeps(i, budget))
             .unwrap_or(lowest);
         // Until the first picture, nothing can oscillate: follow what fits, at what such layers
         // usually cost (see `start_cost`).
-        let fits_at_start = (0..self.count)
-            .rev()
-            .find(|&i| {
-                allowed & (1 << i) != 0
-                    && carries(budget, self.start_cost(i), self.cfg.downswitch_margin_pct)
+        let fits_at_start = || {
+            let margin = self.cfg.downswitch_margin_pct;
+            self.highest(self.count, allowed, |i| {
+                carries(budget, self.start_cost(i), margin)
             })
-            .unwrap_or(lowest);
+            .unwrap_or(lowest)
+        };
         let (target, reason) = match self.target {
-            None => (fits_at_start, SwitchReason::Start),
+            None => (fits_at_start(), SwitchReason::Start),
             Some(_) if self.current.is_none() && self.target_reason == SwitchReason::Start => {
-                (fits_at_start, SwitchReason::Start)
+                (fits_at_start(), SwitchReason::Start)
             }
             Some(t) if allowed & (1 << t) == 0 => (fits_now, cause),
             Some(t) if !self.keeps(t, budget) => {
@@ -660,9 +657,7 @@ impl LayerSelector {
                     self.hold_backoff[to] = (self.hold_backoff[to] + 1).min(MAX_HOLD_BACKOFF);
                     self.last_upswitch = None;
                 }
-                let settles = (0..t)
-                    .rev()
-                    .find(|&i| allowed & (1 << i) != 0 && self.comfortable(i, budget));
+                let settles = self.highest(t, allowed, |i| self.comfortable(i, budget));
                 (settles.unwrap_or(lowest), cause)
             }
             Some(t) => match self.best_held(allowed, now) {
@@ -702,9 +697,14 @@ impl LayerSelector {
 
     /// The highest allowed layer whose comfort has lasted the hold.
     fn best_held(&self, allowed: u8, now: Instant) -> Option<usize> {
-        (0..self.count)
+        self.highest(self.count, allowed, |i| self.held(i, now))
+    }
+
+    /// The highest layer below `below` that `allowed` has and `fits` accepts.
+    fn highest(&self, below: usize, allowed: u8, fits: impl Fn(usize) -> bool) -> Option<usize> {
+        (0..below.min(self.count))
             .rev()
-            .find(|&i| allowed & (1 << i) != 0 && self.held(i, now))
+            .find(|&i| allowed & (1 << i) != 0 && fits(i))
     }
 
     fn held(&self, i: usize, now: Instant) -> bool {
@@ -743,8 +743,7 @@ impl LayerSelector {
     /// its encoder ramps up from its own low starting estimate, and a start on a layer that only
     /// looked cheap sends that layer's keyframe into a link that cannot carry it.
     fn start_cost(&self, i: usize) -> u64 {
-        let typical = LayerTable::assumed(self.count).layers[i].bitrate_bps;
-        self.cost(i).max(typical)
+        self.cost(i).max(typical_bps(self.count, i))
     }
 
     /// The budget still carries layer `i`: no reason to leave it.
@@ -802,6 +801,15 @@ impl LayerSelector {
         self.events[slot] = Some(e);
         self.event_len += 1;
     }
+}
+
+/// What layer `i` of `count` usually costs: a browser's usual three layers (quarter, half and
+/// full 720p) take 150, 500 and 1,500 kbit/s; with fewer layers the top ones, with a fourth
+/// 3 Mbit/s.
+fn typical_bps(count: usize, i: usize) -> u64 {
+    const TYPICAL_BPS: [u64; MAX_LAYERS] = [150_000, 500_000, 1_500_000, 3_000_000];
+    let skip = 3_usize.saturating_sub(count);
+    TYPICAL_BPS[(i + skip).min(MAX_LAYERS - 1)]
 }
 
 /// `budget` (none: no limit) covers `cost` × `pct` %.
@@ -997,6 +1005,11 @@ mod tests {
                 .collect()
         }
 
+        /// The switch events as (from, to).
+        fn switched(&self) -> Vec<(Option<usize>, Option<usize>)> {
+            self.events.iter().map(|e| (e.from, e.to)).collect()
+        }
+
         fn request_layers(&self) -> Vec<usize> {
             self.requests.iter().map(|r| r.1).collect()
         }
@@ -1111,11 +1124,10 @@ mod tests {
         };
         sim.run(secs(60.0), saw);
         let s = sim.switches();
-        let layers: Vec<_> = s.iter().map(|e| (e.0, e.1)).collect();
         // Down at 3.5 s, up once after the 2.5 s hold (7.0 s), down again at 8.0 s: that
         // upswitch failed, so the hold is now 5 s, longer than any comfortable stretch.
         assert_eq!(
-            layers,
+            sim.switched(),
             [
                 (None, Some(2)),
                 (Some(2), Some(1)),
@@ -1178,9 +1190,8 @@ mod tests {
         sim.run(secs(25.0), trace);
         start_on(&sim, 2);
         let s = sim.switches();
-        let layers: Vec<_> = s.iter().map(|e| (e.0, e.1)).collect();
         assert_eq!(
-            layers,
+            sim.switched(),
             [(None, Some(2)), (Some(2), Some(0)), (Some(0), Some(1))]
         );
         assert!(s[1].3 >= secs(5.0) && s[1].3 < secs(5.3), "{:?}", s[1].3);
@@ -1224,9 +1235,8 @@ mod tests {
         };
         sim.run(secs(20.0), trace);
         let s = sim.switches();
-        let layers: Vec<_> = s.iter().map(|e| (e.0, e.1)).collect();
         assert_eq!(
-            layers,
+            sim.switched(),
             [
                 (None, Some(2)),
                 (Some(2), Some(0)),

@@ -330,6 +330,8 @@ const LAYERS_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_DIP_BPS: u64 = 10_000;
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_SOURCES_PER_PEER: usize = 8;
+const SUBSCRIBER_KEYFRAME_RETRY: Duration = Duration::from_millis(300);
 
 /// The estimator targets (padding floor, desired) for the tick a probe dip lasts, from the
 /// viewer's (`bwe_targets`); `None` when the desired bitrate is too small to dip. The floor dips
@@ -339,8 +341,6 @@ fn probe_dip(minimum: u64, desired: u64) -> Option<(u64, u64)> {
     let dip = desired.checked_sub(PROBE_DIP_BPS).filter(|&d| d > 0)?;
     Some((minimum.min(dip), dip))
 }
-const MAX_SOURCES_PER_PEER: usize = 8;
-const SUBSCRIBER_KEYFRAME_RETRY: Duration = Duration::from_millis(300);
 
 struct Shard {
     id: ShardId,
@@ -1284,8 +1284,8 @@ impl ShardState {
     }
 
     /// Subscribers held below the layer they may have (or paused) ask their estimator for a probe
-    /// every `PROBE_EVERY`: str0m probes when the desired bitrate rises above the estimate, so
-    /// the desired bitrate dips for one tick and comes back. Without this the estimate, once
+    /// every 2 s (a dip of one tick, then `PROBE_EVERY`): str0m probes when the desired bitrate
+    /// rises above the estimate, so the desired bitrate dips for one tick and comes back. Without this the estimate, once
     /// down, would only creep up, and a recovered link would take long to show.
     fn probe_for_more(&mut self, now: Instant) {
         let mut touched = Vec::new();
